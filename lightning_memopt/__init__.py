@@ -1,0 +1,23 @@
+"""lightning_memopt: memory optimisation for PyTorch Lightning fine-tuning of BERT-style transformers."""
+
+from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.tasks import (
+    EntityF1,
+    SequenceClassificationDataModule,
+    SequenceClassificationModule,
+    TokenClassificationDataModule,
+    TokenClassificationModule,
+    load_task_checkpoint,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "EntityF1",
+    "SequenceClassificationDataModule",
+    "SequenceClassificationModule",
+    "TokenClassificationDataModule",
+    "TokenClassificationModule",
+    "load_task_checkpoint",
+]

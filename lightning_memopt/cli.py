@@ -1,0 +1,109 @@
+"""The ``memopt`` command: LightningCLI for fitting recipes, plus ``memopt export``.
+
+Examples::
+
+    memopt fit --config recipes/ner/conll2003.yaml
+    memopt fit --config recipes/ner/conll2003.yaml --config recipes/strategies/ddp.yaml --trainer.devices 4
+    memopt validate --config recipes/ner/conll2003.yaml --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt
+    memopt export --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt --output_dir exported/ner
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_memopt.tasks.modules import load_task_checkpoint
+
+
+def format_metrics(metrics: dict[str, float], title: str) -> str:
+    """A small aligned table of metric values.
+
+    Example:
+        >>> print(format_metrics({"val_f1": 0.9123}, "Validation"))
+        Validation
+          val_f1  0.9123
+    """
+    width = max(len(name) for name in metrics)
+    rows = [f"  {name:<{width}}  {value:.4f}" for name, value in sorted(metrics.items())]
+    return "\n".join([title, *rows])
+
+
+class MemoptCLI(LightningCLI):
+    """LightningCLI that takes any LightningModule / LightningDataModule and reports final metrics.
+
+    Besides Lightning's own options it has two optional checkpoint sections, ``checkpoint`` (the best
+    model by a validation metric) and ``last_checkpoint`` (a resumable ``last.ckpt`` every N steps),
+    so that recipes configure checkpointing apart from ``trainer.callbacks``, which compression
+    overlays extend with ``callbacks+:``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in ("checkpoint", "last_checkpoint"):
+            parser.add_lightning_class_args(ModelCheckpoint, key, subclass_mode=True, required=False)
+
+    def after_fit(self) -> None:
+        self._report("Final validation metrics")
+
+    def after_validate(self) -> None:
+        self._report("Validation metrics")
+
+    @rank_zero_only
+    def _report(self, title: str) -> None:
+        trainer = self.trainer
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("val_") and getattr(value, "numel", lambda: 1)() == 1
+        }
+        if metrics:
+            print(format_metrics(metrics, f"{title} (step {trainer.global_step}):"), flush=True)
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+            print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}", flush=True)
+
+
+def export_command(argv: Sequence[str]) -> None:
+    """``memopt export``: write a checkpoint's model as a folder plain ``transformers`` loads."""
+    parser = ArgumentParser(prog="memopt export", description=export_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="A checkpoint written by `memopt fit`.")
+    parser.add_argument("--output_dir", required=True, help="Folder to write (created if missing).")
+    args = parser.parse_args(list(argv))
+    module = load_task_checkpoint(args.ckpt_path)
+    folder = module.export_pretrained(args.output_dir)
+    print(f"Exported {type(module).__name__} with labels {module.labels} to {folder}")
+
+
+def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
+    """Run the LightningCLI part of ``memopt`` (``fit``, ``validate``, ``test``, ``predict``).
+
+    Extra keyword arguments go to :class:`LightningCLI` (e.g. ``trainer_defaults={"callbacks": [...]}``).
+    """
+    return MemoptCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        **cli_kwargs,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``memopt`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        export_command(argv[1:])
+        return
+    run_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

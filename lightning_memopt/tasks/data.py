@@ -1,0 +1,444 @@
+"""Lightning data modules for token classification (NER) and sequence classification.
+
+Both read local files (see :mod:`lightning_memopt.tasks.readers`) or a Hugging Face ``datasets`` name,
+tokenise once in ``setup``, pad each batch only to its longest example, sort evaluation batches by
+length, and log how many examples were truncated. The tokenizer and the label list follow the model
+by default: a module attached to the same Trainer that exposes ``model_name_or_path`` and ``labels``
+(as our task modules do) supplies them, so a recipe names each only once.
+
+Example:
+    >>> dm = TokenClassificationDataModule(  # doctest: +SKIP
+    ...     train_file="conll2003/train.txt.gz", val_file="conll2003/valid.txt.gz",
+    ...     tokenizer="bert-base-cased", labels=["O", "B-PER", "I-PER"])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_memopt.tasks.readers import (
+    DataFormatError,
+    LabelledText,
+    TaggedSentence,
+    iob_to_iob2,
+    load_conll,
+    read_table,
+)
+from lightning_memopt.tasks.sources import resolve_pretrained
+
+log = logging.getLogger("lightning_memopt")
+
+IGNORE_INDEX = -100
+Example = dict[str, list[int]]
+TOKENIZER_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def load_hub_split(name: str, config: str | None, split: str) -> Any:
+    """Load one split of a Hugging Face hub dataset (needs ``pip install datasets`` and network access)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "Reading --data.dataset_name needs the `datasets` package: pip install 'lightning-memopt[hub]'."
+        ) from None
+    return datasets.load_dataset(name, config, split=split)
+
+
+def model_fields(encodings: Any, index: int) -> Example:
+    """The model-input fields of example ``index`` of a batched tokenizer output."""
+    return {key: list(encodings[key][index]) for key in TOKENIZER_FIELDS if key in encodings}
+
+
+class EncodedDataset(Dataset):
+    """A list of already tokenised examples (dicts of int lists)."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+@dataclass(frozen=True)
+class PaddingCollator:
+    """Pad a list of examples to the longest one in the batch (dynamic padding).
+
+    Example:
+        >>> collate = PaddingCollator(pad_token_id=0)
+        >>> batch = collate([{"input_ids": [5, 6, 7], "labels": [1, 2, 3]}, {"input_ids": [5], "labels": [1]}])
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+        ([[5, 6, 7], [5, 0, 0]], [[1, 2, 3], [1, -100, -100]])
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def pad_value(self, key: str) -> int:
+        return {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        longest = max(len(example["input_ids"]) for example in examples)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, torch.Tensor] = {}
+        for key, first in examples[0].items():
+            if isinstance(first, int):
+                batch[key] = torch.tensor([example[key] for example in examples])
+                continue
+            pad = self.pad_value(key)
+            rows = [list(example[key]) + [pad] * (longest - len(example[key])) for example in examples]
+            batch[key] = torch.tensor(rows, dtype=torch.bool if key == "word_starts" else torch.long)
+        return batch
+
+
+class TransformerDataModule(LightningDataModule):
+    """Shared plumbing: tokenizer and label resolution, loaders, seeding, truncation report."""
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        tokenizer: str | None = None,
+        labels: list[str] | None = None,
+        max_length: int = 128,
+        eval_max_length: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+        seed: int = 42,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset_name is None and train_file is None and val_file is None:
+            raise ValueError("Give data files (--data.train_file/--data.val_file) or a hub --data.dataset_name.")
+        for option, value in {"max_length": max_length, "batch_size": batch_size}.items():
+            if value < 1:
+                raise ValueError(f"--data.{option} must be at least 1, got {value}.")
+        self.train_file, self.val_file = train_file, val_file
+        self.dataset_name, self.dataset_config = dataset_name, dataset_config
+        self.train_split, self.val_split = train_split, val_split
+        self.tokenizer_name = tokenizer
+        self.labels = labels
+        self.max_length = max_length
+        self.eval_max_length = eval_max_length or max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
+        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
+        self.tokenizer: Any = None
+        self.datasets: dict[str, EncodedDataset] = {}
+        self.truncated: dict[str, int] = {}
+
+    # -- what follows the model -------------------------------------------------------------
+    def _attached_module(self) -> Any:
+        trainer = self.trainer
+        return trainer.lightning_module if trainer is not None else None
+
+    def resolve_tokenizer_name(self) -> str:
+        if self.tokenizer_name is not None:
+            return self.tokenizer_name
+        name = getattr(self._attached_module(), "model_name_or_path", None)
+        if name is None:
+            raise ValueError("No tokenizer: set --data.tokenizer (a hub name or a local folder).")
+        return name
+
+    def resolve_labels(self, observed: Sequence[str]) -> list[str]:
+        module_labels = getattr(self._attached_module(), "labels", None)
+        if self.labels is not None and module_labels is not None and list(self.labels) != list(module_labels):
+            raise ValueError(
+                f"--data.labels {list(self.labels)} disagree with the model's labels {list(module_labels)}; "
+                "drop --data.labels (the data module follows the model) or make them equal."
+            )
+        labels = self.labels or module_labels
+        if labels is None:
+            labels = sorted(set(observed), key=lambda tag: (tag != "O", tag[2:], tag))
+        return list(labels)
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        name = self.resolve_tokenizer_name()
+        source = resolve_pretrained(name)
+        hint = (
+            "Point --data.tokenizer (or the model) at a folder with tokenizer files "
+            f"({', '.join(TOKENIZER_FILES)}) or at a hub name."
+        )
+        if Path(source).is_dir() and not any((Path(source) / file).exists() for file in TOKENIZER_FILES):
+            raise ValueError(f"The folder {name!r} has no tokenizer files. {hint}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"Could not load a tokenizer from {name!r}: {error}. {hint}") from error
+        if len(tokenizer) < 100:
+            raise ValueError(f"The tokenizer loaded from {name!r} has only {len(tokenizer)} tokens. {hint}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"The tokenizer of {name!r} is not a fast tokenizer; word alignment needs one.")
+        return tokenizer
+
+    # -- raw data ---------------------------------------------------------------------------
+    def read_split(self, split: str) -> list[Any]:
+        """Raw examples of ``"train"`` or ``"validation"``, from a file or from the hub."""
+        file = self.train_file if split == "train" else self.val_file
+        limit = self.max_train_examples if split == "train" else self.max_val_examples
+        if file is not None:
+            examples = self.read_file(file)
+        elif self.dataset_name is not None:
+            hub_split = self.train_split if split == "train" else self.val_split
+            examples = self.from_hub(load_hub_split(self.dataset_name, self.dataset_config, hub_split))
+        else:
+            raise ValueError(f"No {split} data: set --data.{'train' if split == 'train' else 'val'}_file.")
+        return examples[:limit] if limit else examples
+
+    def read_file(self, path: str) -> list[Any]:
+        raise NotImplementedError
+
+    def from_hub(self, dataset: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def encode(self, examples: list[Any], label_ids: dict[str, int], max_length: int) -> tuple[list[Example], int]:
+        raise NotImplementedError
+
+    def observed_labels(self, examples: list[Any]) -> list[str]:
+        raise NotImplementedError
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.tokenizer = self.load_tokenizer()
+        splits = ["validation"] if stage in ("validate", "test", "predict") else ["train", "validation"]
+        if stage == "fit" and self.val_file is None and self.dataset_name is None:
+            splits = ["train"]
+        raw = {split: self.read_split(split) for split in splits if split not in self.datasets}
+        observed = sorted({label for examples in raw.values() for label in self.observed_labels(examples)})
+        self.labels = self.resolve_labels(observed)
+        label_ids = {label: index for index, label in enumerate(self.labels)}
+        for split, examples in raw.items():
+            max_length = self.max_length if split == "train" else self.eval_max_length
+            encoded, truncated = self.encode(examples, label_ids, max_length)
+            self.datasets[split] = EncodedDataset(encoded)
+            self.truncated[split] = truncated
+            log.info("%s split: %d examples, %d truncated to %d tokens", split, len(encoded), truncated, max_length)
+            if truncated:
+                log.warning(
+                    "%d of %d %s examples were longer than %d tokens and were truncated (raise --data.%s).",
+                    truncated,
+                    len(encoded),
+                    split,
+                    max_length,
+                    "max_length" if split == "train" else "eval_max_length",
+                )
+
+    def collator(self) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
+        return PaddingCollator(self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.datasets[split]
+        by_length = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+        ordered = EncodedDataset([dataset[i] for i in by_length])
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            # Every example is seen exactly once across ranks, so corpus metrics are exact under DDP.
+            sampler = UnrepeatedDistributedSampler(
+                ordered, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            ordered,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+
+class TokenClassificationDataModule(TransformerDataModule):
+    """CoNLL-style token classification data (NER, POS, chunking).
+
+    Tags are normalised to IOB2. The first sub-token of each word carries the word's label and the
+    other sub-tokens are ignored by the loss; with ``label_all_subtokens=True`` they carry the label
+    too (``B-X`` becomes ``I-X`` after the first piece) and metrics still read first sub-tokens only.
+
+    Args:
+        token_column / tag_column: column indices in CoNLL files (negative counts from the end).
+        token_field / tag_field: column names in hub datasets.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        token_column: int = 0,
+        tag_column: int = -1,
+        token_field: str = "tokens",
+        tag_field: str = "ner_tags",
+        label_all_subtokens: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_column, self.tag_column = token_column, tag_column
+        self.token_field, self.tag_field = token_field, tag_field
+        self.label_all_subtokens = label_all_subtokens
+        self.save_hyperparameters(ignore=["labels"])  # the model's hyper-parameters own the labels
+
+    def read_file(self, path: str) -> list[TaggedSentence]:
+        sentences, scheme = load_conll(path, self.token_column, self.tag_column)
+        log.info("%s: %d sentences, tagging scheme %s (normalised to IOB2)", path, len(sentences), scheme)
+        return sentences
+
+    def from_hub(self, dataset: Any) -> list[TaggedSentence]:
+        feature = dataset.features[self.tag_field]
+        names = getattr(getattr(feature, "feature", None), "names", None)
+        sentences = []
+        for row in dataset:
+            tags = [names[t] if names is not None else str(t) for t in row[self.tag_field]]
+            sentences.append(TaggedSentence(tuple(row[self.token_field]), tuple(iob_to_iob2(tags))))
+        return sentences
+
+    def observed_labels(self, examples: list[TaggedSentence]) -> list[str]:
+        return sorted({tag for sentence in examples for tag in sentence.tags})
+
+    def encode(
+        self, examples: list[TaggedSentence], label_ids: dict[str, int], max_length: int
+    ) -> tuple[list[Example], int]:
+        unknown = sorted({tag for s in examples for tag in s.tags} - set(label_ids))
+        if unknown:
+            raise DataFormatError(
+                f"Tags {unknown} are in the data but not in the label list {list(label_ids)}; "
+                "add them to --model.labels (the recipe's label list)."
+            )
+        encodings = self.tokenizer(
+            [list(s.tokens) for s in examples],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        full_lengths = self.tokenizer(
+            [list(s.tokens) for s in examples], is_split_into_words=True, add_special_tokens=True
+        )["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in full_lengths)
+        encoded = []
+        for index, sentence in enumerate(examples):
+            word_ids = encodings.word_ids(index)
+            labels, starts = [], []
+            previous = None
+            for word in word_ids:
+                first = word is not None and word != previous
+                starts.append(first)
+                if word is None or (not first and not self.label_all_subtokens):
+                    labels.append(IGNORE_INDEX)
+                else:
+                    tag = sentence.tags[word]
+                    if not first and tag.startswith("B-"):
+                        tag = "I-" + tag[2:]
+                    labels.append(label_ids[tag])
+                previous = word
+            example = model_fields(encodings, index)
+            example["labels"] = labels
+            if self.label_all_subtokens:
+                example["word_starts"] = starts
+            encoded.append(example)
+        return encoded, truncated
+
+
+class SequenceClassificationDataModule(TransformerDataModule):
+    """Labelled sentences (or sentence pairs) from TSV/CSV/JSONL files or the hub (e.g. SST-2).
+
+    Args:
+        text_column / text_pair_column / label_column: column names in files and hub datasets.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        text_column: str = "sentence",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.text_column, self.text_pair_column, self.label_column = (
+            text_column,
+            text_pair_column,
+            label_column,
+        )
+        self.save_hyperparameters(ignore=["labels"])
+
+    def read_file(self, path: str) -> list[LabelledText]:
+        return read_table(path, self.text_column, self.label_column, self.text_pair_column)
+
+    def from_hub(self, dataset: Any) -> list[LabelledText]:
+        return [
+            LabelledText(
+                text=row[self.text_column],
+                label=str(row[self.label_column]),
+                text_pair=row[self.text_pair_column] if self.text_pair_column else None,
+            )
+            for row in dataset
+        ]
+
+    def observed_labels(self, examples: list[LabelledText]) -> list[str]:
+        return sorted({example.label for example in examples})
+
+    def encode(
+        self, examples: list[LabelledText], label_ids: dict[str, int], max_length: int
+    ) -> tuple[list[Example], int]:
+        unknown = sorted({e.label for e in examples} - set(label_ids))
+        if unknown:
+            raise DataFormatError(
+                f"Labels {unknown} are in the data but not in the label list {list(label_ids)}; "
+                "add them to --model.labels (the recipe's label list)."
+            )
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair or "" for e in examples] if self.text_pair_column else None
+        encodings = self.tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        full = self.tokenizer(texts, pairs)["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in full)
+        encoded = []
+        for index, example in enumerate(examples):
+            row = model_fields(encodings, index)
+            row["labels"] = label_ids[example.label]
+            encoded.append(row)
+        return encoded, truncated

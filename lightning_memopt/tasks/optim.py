@@ -1,0 +1,62 @@
+"""AdamW with the usual transformer parameter groups, and a linear warm-up / linear decay schedule.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 2)
+    >>> optimizer = build_adamw(model, learning_rate=1e-3, weight_decay=0.01)
+    >>> scheduler = linear_warmup_decay(optimizer, warmup_steps=10, total_steps=100)
+    >>> [round(warmup_decay_factor(step, 10, 100), 2) for step in (0, 5, 10, 55, 100)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into a decayed group and one without decay (biases, norms)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_MARKERS) or parameter.ndim < 2 else decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over :func:`parameter_groups`."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+
+
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: 0 → 1 linearly over ``warmup_steps``, then 1 → 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def linear_warmup_decay(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following :func:`warmup_decay_factor` (resumable: it holds no closures over state)."""
+    if total_steps < 1:
+        raise ValueError(f"The run has {total_steps} optimizer steps; set --trainer.max_steps or max_epochs.")
+    if warmup_steps > total_steps:
+        raise ValueError(f"--model.warmup_steps={warmup_steps} is longer than the run ({total_steps} steps); lower it.")
+    factor = partial(warmup_decay_factor, warmup_steps=warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,127 @@
+"""Tests for the outside example project ``examples/plain_lightning`` (a user's own Lightning code)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "plain_lightning" / "sentiment.py"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TRAIN_FILE = DATA / "sst2" / "train.tsv.gz"
+DEV_FILE = DATA / "sst2" / "dev.tsv.gz"
+
+needs_data = pytest.mark.skipif(
+    not TRAIN_FILE.exists() or not DEV_FILE.exists(),
+    reason=f"SST-2 data not found under {DATA / 'sst2'} (shared data folder missing)",
+)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny models gain nothing from more, and on a busy 2-core machine the
+    OpenMP workers of a 2-thread pool spin against other processes (measured ~20x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def load_example() -> ModuleType:
+    """Import ``sentiment.py`` by file path (``examples`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("plain_lightning_sentiment", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class StepRecorder(lightning.Callback):
+    """Record every training step's loss and the type of every batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.batch_types: set[type] = set()
+
+    def on_train_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+        self.batch_types.add(type(batch))
+
+
+@needs_data
+def test_tiny_model_trains_on_sst2_tuples(one_thread: None) -> None:
+    sentiment = load_example()
+    lightning.seed_everything(0)
+    model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
+    data = sentiment.SST2Tuples(train_file=str(TRAIN_FILE), val_file=str(DEV_FILE), max_train_rows=200, batch_size=32)
+    recorder = StepRecorder()
+    trainer = lightning.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=data)
+
+    assert len(data.train_set) == 200
+    assert recorder.batch_types == {tuple}
+    assert len(recorder.losses) == 30
+    first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
+    assert last < first, f"training loss did not go down: first 5 mean {first:.4f}, last 5 mean {last:.4f}"
+    assert {"train_loss", "val_loss", "val_acc"} <= set(trainer.callback_metrics)
+    assert 0.0 <= float(trainer.callback_metrics["val_acc"]) <= 1.0
+
+    input_ids, attention_mask, labels = next(iter(data.train_dataloader()))
+    assert input_ids.shape == attention_mask.shape and input_ids.dtype == torch.long
+    assert input_ids.shape[1] <= 64 and labels.shape == (input_ids.shape[0],)
+    assert int(attention_mask.sum(dim=1).max()) == input_ids.shape[1]  # dynamic padding: longest row fits
+
+
+@needs_data
+def test_cli_entry_point_runs(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(EXAMPLE),
+        "fit",
+        "--data.train_file",
+        str(TRAIN_FILE),
+        "--data.val_file",
+        str(DEV_FILE),
+        "--data.max_train_rows",
+        "200",
+        "--model.hidden_size",
+        "32",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `one_thread`
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
