@@ -17,8 +17,10 @@ from lightning_memopt.cli import run_cli
 RECIPES = PROJECT_ROOT / "recipes"
 NER = ["--config", str(RECIPES / "ner/conll2003.yaml"), "--config", str(RECIPES / "ner/conll2003-offline.yaml")]
 SST2 = [
-    "--config", str(RECIPES / "classification/sst2.yaml"),
-    "--config", str(RECIPES / "classification/sst2-offline.yaml"),
+    "--config",
+    str(RECIPES / "classification/sst2.yaml"),
+    "--config",
+    str(RECIPES / "classification/sst2-offline.yaml"),
 ]
 
 
@@ -49,7 +51,12 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
 
 @pytest.mark.parametrize(
     "overlay",
-    [[], ["recipes/strategies/single-device.yaml"], ["recipes/strategies/ddp.yaml"], ["recipes/strategies/multi-node.yaml"]],
+    [
+        [],
+        ["recipes/strategies/single-device.yaml"],
+        ["recipes/strategies/ddp.yaml"],
+        ["recipes/strategies/multi-node.yaml"],
+    ],
 )
 @pytest.mark.parametrize("task", ["ner", "sst2"])
 def test_recipes_and_overlays_parse(
@@ -78,7 +85,12 @@ def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, 
     assert not list(last.parent.glob("*.partial"))
 
     resumed = memopt(
-        ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=9), "--trainer.val_check_interval=9", "--ckpt_path=last"],
+        [
+            "fit",
+            *small_ner_args(tiny_bert_dir, conll_small, steps=9),
+            "--trainer.val_check_interval=9",
+            "--ckpt_path=last",
+        ],
         cwd=tmp_path,
     )
     assert "Restoring states from the checkpoint path" in resumed.stderr + resumed.stdout
@@ -92,9 +104,14 @@ def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, 
 
 def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
     args = [
-        "fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4),
-        "--config", str(RECIPES / "strategies/ddp.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=4),
+        "--config",
+        str(RECIPES / "strategies/ddp.yaml"),
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=param_digest.ParameterDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
     ]
     result = memopt(args, cwd=tmp_path)
     assert "Final validation metrics (step 4)" in result.stdout
@@ -114,21 +131,37 @@ def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Pat
     port = free_port()
     digests = tmp_path / "digests"
     args = [
-        "fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4),
-        "--config", str(RECIPES / "strategies/multi-node.yaml"),
-        "--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={digests}",
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=4),
+        "--config",
+        str(RECIPES / "strategies/multi-node.yaml"),
+        "--trainer.devices=1",
+        "--trainer.num_nodes=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=param_digest.ParameterDigest",
+        f"--trainer.callbacks.out_dir={digests}",
     ]
     launchers = []
     for node_rank in (0, 1):
         node_dir = tmp_path / f"node{node_rank}"
         node_dir.mkdir()
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "lightning_memopt.cli", *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node_rank}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "lightning_memopt.cli",
+            *args,
         ]
         launchers.append(
-            subprocess.Popen(command, cwd=node_dir, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                command, cwd=node_dir, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         )
     outputs = [launcher.communicate(timeout=400)[0] for launcher in launchers]
     for launcher, output in zip(launchers, outputs, strict=True):

@@ -145,7 +145,7 @@ def test_sequence_classification(sst2_small: dict[str, Path], tiny_bert_dir: Pat
     assert batch["labels"].shape == (16,)
     assert set(batch["labels"].tolist()) <= {0, 1}
     assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
-    with pytest.raises(DataFormatError, match="--model.labels"):
+    with pytest.raises(DataFormatError, match=r"--model\.labels"):
         SequenceClassificationDataModule(
             train_file=str(sst2_small["train"]), tokenizer=str(tiny_bert_dir), labels=["0"]
         ).setup("fit")

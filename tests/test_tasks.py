@@ -22,8 +22,15 @@ from lightning_memopt.tasks.sources import resolve_pretrained
 
 def fit(module, datamodule, root: Path, steps: int = 6) -> Trainer:
     trainer = Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule)
     return trainer
@@ -34,7 +41,9 @@ def trained_ner(conll_small: dict[str, Path], tiny_bert_dir: Path, tmp_path_fact
     root = tmp_path_factory.mktemp("ner-run")
     torch.manual_seed(0)
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
-    dm = TokenClassificationDataModule(train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), batch_size=16)
+    dm = TokenClassificationDataModule(
+        train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), batch_size=16
+    )
     trainer = fit(module, dm, root)
     checkpoint = root / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -68,7 +77,9 @@ def test_resume_with_other_labels_is_refused(trained_ner, conll_small: dict[str,
     other = [CONLL_LABELS[0], CONLL_LABELS[2], CONLL_LABELS[1], *CONLL_LABELS[3:]]  # same tags, other ids
     module = TokenClassificationModule(str(trained_ner[0].model_name_or_path), labels=other)
     dm = TokenClassificationDataModule(train_file=str(conll_small["train"]), labels=None)
-    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match=r"checkpoint was trained with labels.*--model.labels"):
         trainer.fit(module, datamodule=dm, ckpt_path=checkpoint)
 
@@ -76,7 +87,7 @@ def test_resume_with_other_labels_is_refused(trained_ner, conll_small: dict[str,
 def test_export_loads_in_plain_transformers(trained_ner, tmp_path: Path) -> None:
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    module, dm, _, _ = trained_ner
+    module, _, _, _ = trained_ner
     folder = module.export_pretrained(tmp_path / "exported")
     model = AutoModelForTokenClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -102,16 +113,16 @@ def test_sequence_classification_round_trip(sst2_small: dict[str, Path], tiny_be
 
 
 def test_bad_options_are_named(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--model.labels is required"):
+    with pytest.raises(ValueError, match=r"--model\.labels is required"):
         TokenClassificationModule(str(tiny_bert_dir))
     with pytest.raises(ValueError, match="duplicates"):
         TokenClassificationModule(str(tiny_bert_dir), labels=["O", "O"])
-    with pytest.raises(ValueError, match="--model.learning_rate"):
+    with pytest.raises(ValueError, match=r"--model\.learning_rate"):
         TokenClassificationModule(str(tiny_bert_dir), labels=["O"], learning_rate=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TokenClassificationModule(str(tmp_path / "missing"), labels=["O"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         TokenClassificationModule(str(tmp_path / "empty"), labels=["O"])
     with pytest.raises(ValueError, match="not a checkpoint of a lightning_memopt task"):
         torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
@@ -139,5 +150,5 @@ def test_warmup_then_linear_decay() -> None:
         optimizer.step()
         scheduler.step()
     assert rates == [0.0, 0.5, 1.0, 0.5]
-    with pytest.raises(ValueError, match="--model.warmup_steps=9 is longer than the run"):
+    with pytest.raises(ValueError, match=r"--model\.warmup_steps=9 is longer than the run"):
         linear_warmup_decay(optimizer, warmup_steps=9, total_steps=4)

@@ -172,10 +172,7 @@ def _table_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             return
         if kind not in (".tsv", ".csv"):
             raise DataFormatError(f"{path}: unknown table format {kind!r}; use .tsv, .csv or .jsonl (optionally .gz).")
-        if kind == ".tsv":
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(handle)
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == ".tsv" else csv.reader(handle)
         header = next(reader, None)
         if header is None:
             raise DataFormatError(f"{path}: the file is empty; a header line with column names is expected.")

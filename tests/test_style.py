@@ -1,0 +1,29 @@
+"""The code base stays ruff-clean (lint and format), so the test command also guards style."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import PROJECT_ROOT
+
+
+def ruff() -> list[str]:
+    found = shutil.which("ruff", path=str(PROJECT_ROOT / ".venv" / "bin")) or shutil.which("ruff")
+    if found is None:
+        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    return [found]
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff(command: list[str]) -> None:
+    result = subprocess.run([*ruff(), *command, "."], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_imports_without_side_effects() -> None:
+    code = "import lightning_memopt, sys; print(lightning_memopt.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
