@@ -118,7 +118,7 @@ def test_hub_dataset_path(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path) 
     }
     calls = []
 
-    def fake_load(name: str, config: str | None, split: str) -> object:
+    def fake_load(name: str, config: str | None, split: str, revision: str | None) -> object:
         calls.append((name, config, split))
         return datasets.Dataset.from_dict(rows, features=features)
 
@@ -130,6 +130,18 @@ def test_hub_dataset_path(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path) 
     assert calls == [("eriktks/conll2003", None, "train"), ("eriktks/conll2003", None, "validation")]
     labelled = [CONLL_LABELS[i] for i in dm.datasets["train"].examples[1]["labels"] if i != -100]
     assert labelled == ["B-ORG", "O"]  # IOB1-style I-ORG at the start is normalised to B-ORG
+
+    # Integer tags without ClassLabel names (e.g. lhoestq/conll2003) are named by the label list.
+    plain = datasets.Dataset.from_dict(rows)
+    monkeypatch.setattr(data_module, "load_hub_split", lambda name, config, split, revision: plain)
+    dm = TokenClassificationDataModule(
+        dataset_name="lhoestq/conll2003", tokenizer=str(tiny_bert_dir), labels=CONLL_LABELS
+    )
+    dm.setup("fit")
+    labelled = [CONLL_LABELS[i] for i in dm.datasets["train"].examples[0]["labels"] if i != -100]
+    assert labelled == ["B-PER", "I-PER", "O", "B-LOC"]
+    with pytest.raises(ValueError, match="integers without names"):
+        TokenClassificationDataModule(dataset_name="lhoestq/conll2003", tokenizer=str(tiny_bert_dir)).setup("fit")
 
 
 def test_sequence_classification(sst2_small: dict[str, Path], tiny_bert_dir: Path) -> None:
@@ -160,7 +172,7 @@ def test_sentence_pairs_from_hub(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir:
             "label": [0, 2],
         }
     )
-    monkeypatch.setattr(data_module, "load_hub_split", lambda name, config, split: table)
+    monkeypatch.setattr(data_module, "load_hub_split", lambda name, config, split, revision: table)
     dm = SequenceClassificationDataModule(
         dataset_name="nyu-mll/glue",
         dataset_config="mnli",

@@ -50,7 +50,7 @@ TOKENIZER_FILES = (
 )
 
 
-def load_hub_split(name: str, config: str | None, split: str) -> Any:
+def load_hub_split(name: str, config: str | None, split: str, revision: str | None = None) -> Any:
     """Load one split of a Hugging Face hub dataset (needs ``pip install datasets`` and network access)."""
     try:
         import datasets
@@ -58,7 +58,7 @@ def load_hub_split(name: str, config: str | None, split: str) -> Any:
         raise ImportError(
             "Reading --data.dataset_name needs the `datasets` package: pip install 'lightning-memopt[hub]'."
         ) from None
-    return datasets.load_dataset(name, config, split=split)
+    return datasets.load_dataset(name, config, split=split, revision=revision)
 
 
 def model_fields(encodings: Any, index: int) -> Example:
@@ -120,6 +120,7 @@ class TransformerDataModule(LightningDataModule):
         val_file: str | None = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
+        dataset_revision: str | None = None,
         train_split: str = "train",
         val_split: str = "validation",
         tokenizer: str | None = None,
@@ -141,7 +142,7 @@ class TransformerDataModule(LightningDataModule):
             if value < 1:
                 raise ValueError(f"--data.{option} must be at least 1, got {value}.")
         self.train_file, self.val_file = train_file, val_file
-        self.dataset_name, self.dataset_config = dataset_name, dataset_config
+        self.dataset_name, self.dataset_config, self.dataset_revision = dataset_name, dataset_config, dataset_revision
         self.train_split, self.val_split = train_split, val_split
         self.tokenizer_name = tokenizer
         self.labels = labels
@@ -212,7 +213,9 @@ class TransformerDataModule(LightningDataModule):
             examples = self.read_file(file)
         elif self.dataset_name is not None:
             hub_split = self.train_split if split == "train" else self.val_split
-            examples = self.from_hub(load_hub_split(self.dataset_name, self.dataset_config, hub_split))
+            examples = self.from_hub(
+                load_hub_split(self.dataset_name, self.dataset_config, hub_split, self.dataset_revision)
+            )
         else:
             raise ValueError(f"No {split} data: set --data.{'train' if split == 'train' else 'val'}_file.")
         return examples[:limit] if limit else examples
@@ -329,8 +332,16 @@ class TokenClassificationDataModule(TransformerDataModule):
         return sentences
 
     def from_hub(self, dataset: Any) -> list[TaggedSentence]:
+        """Sentences from a hub dataset; integer tags are named by the dataset's ClassLabel, else by the label list."""
         feature = dataset.features[self.tag_field]
         names = getattr(getattr(feature, "feature", None), "names", None)
+        if names is None and len(dataset) and isinstance(dataset[0][self.tag_field][0], int):
+            names = self.labels or getattr(self._attached_module(), "labels", None)
+            if names is None:
+                raise ValueError(
+                    f"{self.dataset_name}: tags in {self.tag_field!r} are integers without names; set --model.labels "
+                    "in the dataset's id order."
+                )
         sentences = []
         for row in dataset:
             tags = [names[t] if names is not None else str(t) for t in row[self.tag_field]]
