@@ -6,8 +6,8 @@ format (a plain ``(input_ids, attention_mask, labels)`` tuple), its own loss and
 Run it with::
 
     python examples/plain_lightning/sentiment.py fit \\
-        --data.train_file /work/shared/data/sst2/train.tsv.gz \\
-        --data.val_file /work/shared/data/sst2/dev.tsv.gz \\
+        --data.train_file ../shared/data/sst2/train.tsv.gz \\
+        --data.val_file ../shared/data/sst2/dev.tsv.gz \\
         --trainer.max_steps 20
 """
 
