@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -119,6 +120,17 @@ def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Pa
     assert [r["global_rank"] for r in records] == [0, 1]
     assert {r["world_size"] for r in records} == {2}
     assert records[0]["digest"] == records[1]["digest"]
+
+    # Validation shards are disjoint and complete, so DDP's entity F1 is the single-process number.
+    best = re.search(r"Best checkpoint: (\S+)", result.stdout).group(1)
+    single = memopt(
+        ["validate", *small_ner_args(tiny_bert_dir, conll_small, steps=4), f"--ckpt_path={best}"], cwd=tmp_path
+    )
+    assert printed_metric(single.stdout, "val_f1") == printed_metric(result.stdout, "val_f1")
+
+
+def printed_metric(stdout: str, name: str) -> float:
+    return float(re.search(rf"^\s+{name}\s+([0-9.]+)$", stdout, flags=re.M).group(1))
 
 
 def free_port() -> int:
