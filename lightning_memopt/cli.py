@@ -22,6 +22,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_memopt.tasks.modules import load_task_checkpoint
 
+DESCRIPTION = (
+    "memopt: fit, validate, test or predict with a recipe (memopt fit --config recipes/ner/conll2003.yaml); "
+    "`memopt export --help` writes a checkpoint as a folder plain transformers loads."
+)
+
 
 def format_metrics(metrics: dict[str, float], title: str) -> str:
     """A small aligned table of metric values.
@@ -55,13 +60,16 @@ class MemoptCLI(LightningCLI):
     def after_validate(self) -> None:
         self._report("Validation metrics")
 
+    def after_test(self) -> None:
+        self._report("Test metrics", prefix="test_")
+
     @rank_zero_only
-    def _report(self, title: str) -> None:
+    def _report(self, title: str, prefix: str = "val_") -> None:
         trainer = self.trainer
         metrics = {
             name: float(value)
             for name, value in trainer.callback_metrics.items()
-            if name.startswith("val_") and getattr(value, "numel", lambda: 1)() == 1
+            if name.startswith(prefix) and getattr(value, "numel", lambda: 1)() == 1
         }
         if metrics:
             print(format_metrics(metrics, f"{title} (step {trainer.global_step}):"), flush=True)
@@ -91,6 +99,7 @@ def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
         **cli_kwargs,
     )
@@ -98,11 +107,11 @@ def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``memopt`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        export_command(argv[1:])
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] == "export":
+        export_command(given[1:])
         return
-    run_cli(argv)
+    run_cli(None if argv is None else given)
 
 
 if __name__ == "__main__":

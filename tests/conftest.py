@@ -52,7 +52,9 @@ def conll_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("conll")
     return {
         "train": head_of_conll(shared_data / "conll2003" / "train.txt.gz", folder / "train.txt", 160),
-        "val": head_of_conll(shared_data / "conll2003" / "valid.txt.gz", folder / "valid.txt", 65),  # odd: uneven DDP shards
+        "val": head_of_conll(
+            shared_data / "conll2003" / "valid.txt.gz", folder / "valid.txt", 65
+        ),  # odd: uneven DDP shards
     }
 
 

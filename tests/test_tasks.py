@@ -60,6 +60,13 @@ def test_token_classification_trains_and_reports_entity_f1(trained_ner) -> None:
     assert module.model.training is False or trainer.state.finished
 
 
+def test_test_stage_logs_test_metrics(trained_ner) -> None:
+    module, dm, trainer, _ = trained_ner
+    results = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert {"test_f1", "test_precision", "test_recall", "test_loss"} <= set(results)
+    assert results["test_f1"] == pytest.approx(float(trainer.callback_metrics["test_f1"]))
+
+
 def test_labels_live_in_the_checkpoint(trained_ner) -> None:
     module, _, _, checkpoint = trained_ner
     saved = torch.load(checkpoint, weights_only=True)

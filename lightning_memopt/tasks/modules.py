@@ -114,26 +114,31 @@ class TransformerTaskModule(LightningModule):
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        output = self(**self.model_inputs(batch))
-        self.log("val_loss", output.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        self.update_metrics(output.logits, batch)
+        self._evaluate(batch, "val")
 
     @override
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
+        output = self(**self.model_inputs(batch))
+        self.log(f"{stage}_loss", output.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.update_metrics(output.logits, batch)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.compute_metrics(), prog_bar=False)
+        self.log_dict({f"val_{name}": value for name, value in self.compute_metrics().items()})
 
     @override
     def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        self.log_dict({f"test_{name}": value for name, value in self.compute_metrics().items()})
 
     def update_metrics(self, logits: Tensor, batch: dict[str, Tensor]) -> None:
+        """Accumulate one evaluation batch into the task's metrics (implemented by each task)."""
         raise NotImplementedError
 
     def compute_metrics(self) -> dict[str, Tensor]:
+        """The epoch's metrics (synchronised across ranks), then reset (implemented by each task)."""
         raise NotImplementedError
 
     @override
@@ -172,7 +177,8 @@ class TransformerTaskModule(LightningModule):
 class TokenClassificationModule(TransformerTaskModule):
     """Token classification (NER) with entity-level micro P/R/F1 and per-type F1 (seqeval semantics).
 
-    Logged: ``train_loss``, ``val_loss``, ``val_precision``, ``val_recall``, ``val_f1``, ``val_f1_<TYPE>``.
+    Logged: ``train_loss``, ``val_loss``, ``val_precision``, ``val_recall``, ``val_f1``, ``val_f1_<TYPE>``
+    (``test_*`` under ``trainer.test``).
     """
 
     auto_class_name = "AutoModelForTokenClassification"
@@ -189,13 +195,13 @@ class TokenClassificationModule(TransformerTaskModule):
     def compute_metrics(self) -> dict[str, Tensor]:
         scores = self.entity_f1.compute()
         self.entity_f1.reset()
-        return {f"val_{name}": value for name, value in scores.items()}
+        return scores
 
 
 class SequenceClassificationModule(TransformerTaskModule):
     """Sentence (pair) classification with accuracy and macro F1 from torchmetrics.
 
-    Logged: ``train_loss``, ``val_loss``, ``val_accuracy``, ``val_macro_f1``.
+    Logged: ``train_loss``, ``val_loss``, ``val_accuracy``, ``val_macro_f1`` (``test_*`` under ``trainer.test``).
     """
 
     auto_class_name = "AutoModelForSequenceClassification"
@@ -214,7 +220,7 @@ class SequenceClassificationModule(TransformerTaskModule):
 
     @override
     def compute_metrics(self) -> dict[str, Tensor]:
-        scores = {"val_accuracy": self.accuracy.compute(), "val_macro_f1": self.macro_f1.compute()}
+        scores = {"accuracy": self.accuracy.compute(), "macro_f1": self.macro_f1.compute()}
         self.accuracy.reset()
         self.macro_f1.reset()
         return scores
