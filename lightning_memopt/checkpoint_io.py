@@ -32,7 +32,17 @@ def _current_umask() -> int:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are all-or-nothing on local file systems."""
+    """``TorchCheckpointIO`` whose saves are all-or-nothing and whose loads never unpickle code.
+
+    Loading defaults to ``weights_only=True`` for local and remote (``https://``) paths alike;
+    Lightning's own default is ``False`` for remote checkpoints.
+    """
+
+    @override
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:

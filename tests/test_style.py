@@ -23,7 +23,9 @@ def test_ruff(command: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_package_imports_without_side_effects() -> None:
-    code = "import lightning_memopt, sys; print(lightning_memopt.__version__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+def test_package_imports_cleanly_and_exposes_its_api(tmp_path) -> None:
+    code = "import lightning_memopt as m; print(m.__version__, *sorted(m.__all__))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "TokenClassificationModule" in result.stdout and "EntityF1" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # importing writes nothing

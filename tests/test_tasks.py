@@ -57,7 +57,7 @@ def test_token_classification_trains_and_reports_entity_f1(trained_ner) -> None:
         assert name in metrics, name
     assert 0.0 <= float(metrics["val_f1"]) <= 1.0
     assert dm.tokenizer.name_or_path.endswith(Path(module.model_name_or_path).name)  # tokenizer followed the model
-    assert module.model.training is False or trainer.state.finished
+    assert module.model.training  # from_pretrained returns eval mode; dropout must be on while fine-tuning
 
 
 def test_test_stage_logs_test_metrics(trained_ner) -> None:
@@ -131,9 +131,23 @@ def test_bad_options_are_named(tiny_bert_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         TokenClassificationModule(str(tmp_path / "empty"), labels=["O"])
+    (tmp_path / "loc.txt").write_text("Blackburnshire B-LOC\nrains O\n\n", encoding="utf-8")
+    pieces = TokenClassificationDataModule(
+        train_file=str(tmp_path / "loc.txt"),
+        tokenizer=str(tiny_bert_dir),
+        labels=["O", "B-LOC"],
+        label_all_subtokens=True,
+    )
+    with pytest.raises(ValueError, match="labels inner pieces of B-LOC words as I-LOC"):
+        pieces.setup("fit")
     with pytest.raises(ValueError, match="not a checkpoint of a lightning_memopt task"):
         torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
         load_task_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_integer_labels_are_kept_as_strings(tiny_bert_dir: Path) -> None:
+    module = SequenceClassificationModule(str(tiny_bert_dir), labels=[0, 1])
+    assert module.labels == ["0", "1"] and module.hparams.labels == ["0", "1"]
 
 
 def test_pypi_model_reference() -> None:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from lightning_memopt.tasks.readers import (
     load_conll,
     read_table,
 )
+from lightning_memopt.tasks.resumable import ResumableShuffleSampler, batches_done_this_epoch
 from lightning_memopt.tasks.sources import resolve_pretrained
 
 log = logging.getLogger("lightning_memopt")
@@ -194,8 +196,9 @@ class TransformerDataModule(LightningDataModule):
         )
         if Path(source).is_dir() and not any((Path(source) / file).exists() for file in TOKENIZER_FILES):
             raise ValueError(f"The folder {name!r} has no tokenizer files. {hint}")
+        options = self.tokenizer_options()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **options)
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"Could not load a tokenizer from {name!r}: {error}. {hint}") from error
         if len(tokenizer) < 100:
@@ -203,6 +206,13 @@ class TransformerDataModule(LightningDataModule):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"The tokenizer of {name!r} is not a fast tokenizer; word alignment needs one.")
         return tokenizer
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``AutoTokenizer.from_pretrained``: the model's revision when following it."""
+        module = self._attached_module()
+        if self.tokenizer_name is None and getattr(module, "hparams", {}).get("revision"):
+            return {"revision": module.hparams["revision"]}
+        return {}
 
     # -- raw data ---------------------------------------------------------------------------
     def read_split(self, split: str) -> list[Any]:
@@ -262,12 +272,21 @@ class TransformerDataModule(LightningDataModule):
         return PaddingCollator(self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        """Seeded shuffled batches; after ``--ckpt_path`` resume, the interrupted epoch continues where it stopped."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableShuffleSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed)
+        done = batches_done_this_epoch(trainer)
+        if done:
+            sampler.resume(epoch=trainer.current_epoch, samples_done=done * self.batch_size)
+            log.info("Resuming epoch %d after its first %d batches.", trainer.current_epoch, done)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         return DataLoader(
             self.datasets["train"],
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
+            # A private generator: creating the iterator draws no numbers from the global RNG (dropout's).
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
@@ -291,10 +310,12 @@ class TransformerDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+    def val_dataloader(self) -> DataLoader | list:
+        """Length-sorted validation batches, or none when no validation data was given."""
+        return self._eval_loader("validation") if "validation" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
+        """``trainer.test`` scores the validation data (the recipes' corpora ship no labelled test split here)."""
         return self._eval_loader("validation")
 
 
@@ -325,6 +346,17 @@ class TokenClassificationDataModule(TransformerDataModule):
         self.token_field, self.tag_field = token_field, tag_field
         self.label_all_subtokens = label_all_subtokens
         self.save_hyperparameters(ignore=["labels"])  # the model's hyper-parameters own the labels
+
+    def load_tokenizer(self) -> Any:
+        tokenizer = super().load_tokenizer()
+        if getattr(tokenizer, "add_prefix_space", None) is False:
+            # Byte-level BPE (RoBERTa, GPT-2) must see pre-split words as if preceded by a space.
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer.name_or_path, add_prefix_space=True, **self.tokenizer_options()
+            )
+        return tokenizer
 
     def read_file(self, path: str) -> list[TaggedSentence]:
         sentences, scheme = load_conll(path, self.token_column, self.tag_column)
@@ -384,6 +416,11 @@ class TokenClassificationDataModule(TransformerDataModule):
                     tag = sentence.tags[word]
                     if not first and tag.startswith("B-"):
                         tag = "I-" + tag[2:]
+                        if tag not in label_ids:
+                            raise DataFormatError(
+                                f"--data.label_all_subtokens labels inner pieces of {sentence.tags[word]} words as "
+                                f"{tag}, which is not in the label list; add it to --model.labels."
+                            )
                     labels.append(label_ids[tag])
                 previous = word
             example = model_fields(encodings, index)

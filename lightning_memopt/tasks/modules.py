@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from lightning_memopt.tasks.optim import build_adamw, linear_warmup_decay
 from lightning_memopt.tasks.sources import resolve_pretrained
 
 TASK_KEY = "memopt_task"
+RNG_KEY = "memopt_rng_state"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 
 
@@ -62,6 +64,7 @@ class TransformerTaskModule(LightningModule):
     ) -> None:
         super().__init__()
         self.labels = check_labels(labels)
+        labels = self.labels  # saved below as strings, so a checkpoint's list compares equal on resume
         if learning_rate <= 0:
             raise ValueError(f"--model.learning_rate must be positive, got {learning_rate}.")
         if not 0 <= warmup_ratio < 1:
@@ -153,6 +156,8 @@ class TransformerTaskModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_KEY] = type(self).__name__
+        # Dropout draws from these: restoring them makes a resumed run continue like an uninterrupted one.
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -162,6 +167,9 @@ class TransformerTaskModule(LightningModule):
                 f"The checkpoint was trained with labels {list(saved)} but --model.labels is {self.labels}; "
                 "use the checkpoint's label list (or start a new run instead of resuming)."
             )
+        if (rng := checkpoint.get(RNG_KEY)) is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), None))
 
     def export_pretrained(self, output_dir: str | Path) -> Path:
         """Write model, config (with label names) and tokenizer to a folder ``from_pretrained`` loads."""
@@ -244,4 +252,7 @@ def load_task_checkpoint(path: str | Path, map_location: str | torch.device = "c
             f"{path} is not a checkpoint of a lightning_memopt task module (it names {name!r}); "
             f"expected one of {sorted(TASK_CLASSES)}."
         )
-    return TASK_CLASSES[name].load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    # Remote code is never enabled by what a checkpoint says.
+    return TASK_CLASSES[name].load_from_checkpoint(
+        path, map_location=map_location, weights_only=True, trust_remote_code=False
+    )

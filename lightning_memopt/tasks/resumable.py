@@ -1,0 +1,54 @@
+"""Training order that survives an interruption: the same batches, in the same order, after a resume.
+
+Lightning restores model, optimizer, scheduler and loop counters from a checkpoint, but a plain
+shuffled ``DataLoader`` starts the interrupted epoch again from its first batch (some batches are seen
+twice, others never). :class:`ResumableShuffleSampler` shuffles with ``seed + epoch`` (as
+``DistributedSampler`` does, so each rank gets its own shard and Lightning leaves it in place under DDP)
+and can start an epoch part-way through; :func:`batches_done_this_epoch` reads how far the restored
+run got.
+
+Example:
+    >>> sampler = ResumableShuffleSampler(list(range(10)), seed=0)
+    >>> full = list(sampler)
+    >>> sampler.resume(epoch=0, samples_done=4)
+    >>> list(sampler) == full[4:]
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+from torch.utils.data import DistributedSampler
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """Seeded per-epoch shuffling split across ranks, able to skip the samples already trained on."""
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        self.resume_epoch = -1
+        self.samples_done = 0
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """On its next pass through ``epoch``, start after the first ``samples_done`` samples of this rank."""
+        self.resume_epoch, self.samples_done = epoch, samples_done
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.epoch == self.resume_epoch:
+            indices = indices[self.samples_done :]
+            self.resume_epoch = -1  # later passes over the same epoch number start from the beginning
+        return iter(indices)
+
+
+def batches_done_this_epoch(trainer: Any) -> int:
+    """Training batches of the current epoch that a restored run has already processed (0 when fresh).
+
+    A checkpoint written in ``on_train_batch_end`` counts the batch in progress as processed but not
+    yet completed; ``processed`` is the number whose optimizer step is in the checkpoint either way.
+    """
+    if trainer is None:
+        return 0
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
