@@ -64,12 +64,12 @@ class TransformerTaskModule(LightningModule):
     ) -> None:
         super().__init__()
         self.labels = check_labels(labels)
-        labels = self.labels  # saved below as strings, so a checkpoint's list compares equal on resume
         if learning_rate <= 0:
             raise ValueError(f"--model.learning_rate must be positive, got {learning_rate}.")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}.")
         self.save_hyperparameters()
+        self.hparams["labels"] = self.labels  # as strings, so a checkpoint's list compares equal on resume
         self.model_name_or_path = model_name_or_path
         self.model = self._load_model()
         # from_pretrained returns eval mode and Lightning keeps submodule modes as found: enable dropout.
