@@ -1,6 +1,19 @@
-"""Pruning: sparsity schedules and mask math (pure functions). The callback comes next (issue #3)."""
+"""Pruning: sparsity schedules and mask math (pure functions), layer selection, and the callback."""
 
+from lightning_memopt.pruning.callback import PruningScheduler
 from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_sparsity
 from lightning_memopt.pruning.schedules import ResolvedSchedule, SparsitySchedule, sparsity_at
+from lightning_memopt.pruning.selection import default_filter, pattern_filter, select_weights
 
-__all__ = ["ResolvedSchedule", "SparsitySchedule", "global_masks", "layerwise_masks", "mask_sparsity", "sparsity_at"]
+__all__ = [
+    "PruningScheduler",
+    "ResolvedSchedule",
+    "SparsitySchedule",
+    "default_filter",
+    "global_masks",
+    "layerwise_masks",
+    "mask_sparsity",
+    "pattern_filter",
+    "select_weights",
+    "sparsity_at",
+]

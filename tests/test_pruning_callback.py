@@ -1,0 +1,169 @@
+"""PruningScheduler on real modules: exact sparsity, zeros that stay zero, exact resume, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONLL_LABELS, PROJECT_ROOT
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_memopt import PruningScheduler, TokenClassificationDataModule, TokenClassificationModule
+
+
+class Interrupt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SystemExit("killed")
+
+
+def fit(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], root: Path, pruning: PruningScheduler, *extra, ckpt_path=None
+):
+    torch.manual_seed(0)
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
+    data = TokenClassificationDataModule(train_file=str(conll_small["train"]), batch_size=16)
+    trainer = Trainer(
+        max_steps=16,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=5), pruning, *extra],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def schedule() -> PruningScheduler:
+    return PruningScheduler(final_sparsity=0.6, schedule="cubic", start=2, end=10, every=2)
+
+
+def test_reaches_exact_sparsity_and_zeros_stay_zero(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    pruning = schedule()
+    module, trainer = fit(tiny_bert_dir, conll_small, tmp_path, pruning)
+    assert len(pruning.weights) == 2 * 6  # query, key, value, attention output, intermediate, output per layer
+    for name, weight in pruning.weights.items():
+        assert int((weight == 0).sum()) == round(0.6 * weight.numel()), name
+        state = trainer.optimizers[0].state[weight]
+        assert (state["exp_avg"][weight == 0] == 0).all() and (state["exp_avg_sq"][weight == 0] == 0).all()
+    untouched = dict(module.named_parameters())
+    assert int((untouched["model.classifier.weight"] == 0).sum()) == 0
+    embeddings = untouched["model.bert.embeddings.word_embeddings.weight"]
+    assert int((embeddings == 0).sum()) == embeddings.shape[1]  # only the padding row, zero from initialisation
+    assert trainer.callback_metrics["sparsity"] == pytest.approx(0.6)
+    last_row = pruning.sparsity_table().splitlines()[-1].split()
+    assert last_row[0] == "total" and float(last_row[1]) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_resume_mid_schedule_ends_with_identical_masks(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    reference = schedule()
+    straight, _ = fit(tiny_bert_dir, conll_small, tmp_path / "straight", reference)
+    with pytest.raises(SystemExit):
+        fit(tiny_bert_dir, conll_small, tmp_path / "resumed", schedule(), Interrupt(step=7))
+    saved = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("PruningScheduler"))
+    assert 0 < state["sparsity"] < 0.6  # interrupted mid-schedule
+    resumed_pruning = schedule()
+    resumed, _ = fit(
+        tiny_bert_dir,
+        conll_small,
+        tmp_path / "resumed",
+        resumed_pruning,
+        ckpt_path=str(tmp_path / "resumed" / "last.ckpt"),
+    )
+    assert set(resumed_pruning.masks) == set(reference.masks)
+    for name, mask in reference.masks.items():
+        assert torch.equal(mask, resumed_pruning.masks[name]), name
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_global_scope_ranks_across_layers(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    pruning = PruningScheduler(final_sparsity=0.5, schedule="constant", start=0, scope="global")
+    fit(tiny_bert_dir, conll_small, tmp_path, pruning)
+    zeros = sum(int((w == 0).sum()) for w in pruning.weights.values())
+    total = sum(w.numel() for w in pruning.weights.values())
+    assert zeros == round(0.5 * total)
+    assert len({round(s, 3) for s in pruning.layer_sparsities().values()}) > 1
+
+
+def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
+        PruningScheduler(final_sparsity=1.5)
+    with pytest.raises(ValueError, match="Unknown schedule kind"):
+        PruningScheduler(schedule="exponential")
+    with pytest.raises(ValueError, match=r"selects no layer.*patterns"):
+        fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(modules=["decoder"]))
+    with pytest.raises(ValueError, match="the run has only 16 optimizer steps"):
+        fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(start=0, end=500))
+
+
+def test_resume_with_other_layers_names_the_difference(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit):
+        fit(tiny_bert_dir, conll_small, tmp_path, schedule(), Interrupt(step=6))
+    other = PruningScheduler(final_sparsity=0.6, start=2, end=10, every=2, modules=[r"attention\.self"])
+    with pytest.raises(ValueError, match=r"pruned with other layers.*only in the checkpoint \['model.bert.encoder"):
+        fit(tiny_bert_dir, conll_small, tmp_path, other, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_works_with_the_plain_example_project(shared_data: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("sentiment", PROJECT_ROOT / "examples/plain_lightning/sentiment.py")
+    sentiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sentiment)
+    model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
+    data = sentiment.SST2Tuples(train_file=str(shared_data / "sst2/train.tsv.gz"), max_train_rows=200, batch_size=16)
+    pruning = PruningScheduler(final_sparsity=0.5, start=0, end=6, every=2)
+    trainer = Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[pruning],
+    )
+    trainer.fit(model, datamodule=data)
+    assert pruning.weights and not any("head" in name for name in pruning.weights)
+    assert all(abs(s - 0.5) < 1e-3 for s in pruning.layer_sparsities().values())
+
+
+def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from test_cli import memopt, small_ner_args
+
+    args = [
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=6),
+        "--config",
+        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--config",
+        str(PROJECT_ROOT / "recipes/pruning/unstructured-80.yaml"),
+        "--trainer.callbacks+=param_digest.ParameterDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+    ]
+    result = memopt(args, cwd=tmp_path)
+    assert "PruningScheduler: 12 weight matrices" in result.stdout + result.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    assert len(records) == 2 and records[0]["digest"] == records[1]["digest"]
+    checkpoint = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("PruningScheduler"))
+    assert state["sparsity"] == pytest.approx(0.8)  # end = 70 % of 6 steps: reached by step 5
