@@ -107,6 +107,12 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
         PruningScheduler(schedule="exponential")
     with pytest.raises(ValueError, match=r"selects no layer.*patterns"):
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(modules=["decoder"]))
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = Trainer(accelerator="cpu", strategy=ModelParallelStrategy(), devices=1, logger=False)
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
+    with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy yet.*--trainer.strategy ddp"):
+        PruningScheduler().setup(trainer, module, "fit")
     with pytest.raises(ValueError, match="the run has only 16 optimizer steps"):
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(start=0, end=500))
 

@@ -35,6 +35,19 @@ from lightning_memopt.pruning.selection import ModuleFilter, as_filter, select_w
 log = logging.getLogger("lightning_memopt")
 
 
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def refuse_sharded_strategies(trainer: Trainer, callback: str) -> None:
+    """Stop at setup, with what to use instead, on strategies whose sharded weights this callback cannot mask yet."""
+    name = type(trainer.strategy).__name__
+    if any(base.__name__ in SHARDED_STRATEGIES for base in type(trainer.strategy).__mro__):
+        raise ValueError(
+            f"{callback} does not support {name} yet: it masks full weight matrices, which sharded strategies split "
+            "across ranks. Use --trainer.strategy ddp (or a single device); sharded-strategy support is planned."
+        )
+
+
 class PruningScheduler(Callback):
     """Prune the selected weights of any LightningModule on a sparsity schedule.
 
@@ -83,8 +96,10 @@ class PruningScheduler(Callback):
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.weights = select_weights(pl_module, self.module_filter)
+        if stage != "fit":
+            return
+        refuse_sharded_strategies(trainer, type(self).__name__)
+        self.weights = select_weights(pl_module, self.module_filter)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
