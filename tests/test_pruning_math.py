@@ -67,3 +67,21 @@ def test_ties_are_broken_deterministically() -> None:
     assert layerwise_masks(scores, 0.3)["flat"].tolist() == [False] * 3 + [True] * 7
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         layerwise_masks(scores, 1.0)
+
+
+def test_sparse_format_round_trip_and_size(tmp_path) -> None:
+    from lightning_memopt.pruning.sparse_format import load_sparse, pack_bits, save_sparse, unpack_bits
+
+    mask = torch.rand(13) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(mask), 13), mask)
+    torch.manual_seed(0)
+    weight = torch.randn(384, 1536)
+    masks = layerwise_masks({"w": weight.abs()}, 0.8)
+    state = {"encoder.w": weight * masks["w"], "encoder.bias": torch.randn(1536), "ids": torch.arange(5)}
+    report = save_sparse(state, tmp_path / "m.safetensors")
+    assert report.packed == ["encoder.w"]
+    restored = load_sparse(tmp_path / "m.safetensors")
+    assert set(restored) == set(state)
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
+    expected = (0.2 * 4 + 1 / 8) / 4  # values + 1 bit per weight, over float32
+    assert report.ratio == pytest.approx(expected, abs=0.01)

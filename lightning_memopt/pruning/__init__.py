@@ -4,16 +4,20 @@ from lightning_memopt.pruning.callback import PruningScheduler
 from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_sparsity
 from lightning_memopt.pruning.schedules import ResolvedSchedule, SparsitySchedule, sparsity_at
 from lightning_memopt.pruning.selection import default_filter, pattern_filter, select_weights
+from lightning_memopt.pruning.sparse_format import SparseReport, load_sparse, save_sparse
 
 __all__ = [
     "PruningScheduler",
     "ResolvedSchedule",
+    "SparseReport",
     "SparsitySchedule",
     "default_filter",
     "global_masks",
     "layerwise_masks",
+    "load_sparse",
     "mask_sparsity",
     "pattern_filter",
+    "save_sparse",
     "select_weights",
     "sparsity_at",
 ]
