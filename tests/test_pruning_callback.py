@@ -42,8 +42,8 @@ def fit(
     return module, trainer
 
 
-def schedule() -> PruningScheduler:
-    return PruningScheduler(final_sparsity=0.6, schedule="cubic", start=2, end=10, every=2)
+def schedule(criterion: str = "magnitude") -> PruningScheduler:
+    return PruningScheduler(final_sparsity=0.6, schedule="cubic", start=2, end=10, every=2, criterion=criterion)
 
 
 def test_reaches_exact_sparsity_and_zeros_stay_zero(
@@ -65,18 +65,19 @@ def test_reaches_exact_sparsity_and_zeros_stay_zero(
     assert last_row[0] == "total" and float(last_row[1]) == pytest.approx(0.6, abs=1e-3)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "movement"])
 def test_resume_mid_schedule_ends_with_identical_masks(
-    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+    criterion: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    reference = schedule()
+    reference = schedule(criterion)
     straight, _ = fit(tiny_bert_dir, conll_small, tmp_path / "straight", reference)
     with pytest.raises(SystemExit):
-        fit(tiny_bert_dir, conll_small, tmp_path / "resumed", schedule(), Interrupt(step=7))
+        fit(tiny_bert_dir, conll_small, tmp_path / "resumed", schedule(criterion), Interrupt(step=7))
     saved = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("PruningScheduler"))
     assert 0 < state["sparsity"] < 0.6  # interrupted mid-schedule
-    resumed_pruning = schedule()
+    resumed_pruning = schedule(criterion)
     resumed, _ = fit(
         tiny_bert_dir,
         conll_small,
@@ -91,6 +92,23 @@ def test_resume_mid_schedule_ends_with_identical_masks(
         assert torch.equal(a, b), name
 
 
+def test_movement_ranks_by_accumulated_weight_times_gradient(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    magnitude, movement = schedule("magnitude"), schedule("movement")
+    fit(tiny_bert_dir, conll_small, tmp_path / "magnitude", magnitude)
+    fit(tiny_bert_dir, conll_small, tmp_path / "movement", movement)
+    for name, weight in movement.weights.items():
+        assert int((weight == 0).sum()) == round(0.6 * weight.numel()), name
+        kept = movement.masks[name]
+        # Among the weights still kept at the end, pruning removed the lowest movement scores first.
+        assert (
+            movement.movement[name][kept].min() >= movement.movement[name][~kept & (movement.movement[name] > -1)].min()
+        )
+    differing = sum(int((magnitude.masks[n] != movement.masks[n]).sum()) for n in magnitude.masks)
+    assert differing > 0.1 * sum(m.numel() for m in magnitude.masks.values())
+
+
 def test_global_scope_ranks_across_layers(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
     pruning = PruningScheduler(final_sparsity=0.5, schedule="constant", start=0, scope="global")
     fit(tiny_bert_dir, conll_small, tmp_path, pruning)
@@ -103,6 +121,8 @@ def test_global_scope_ranks_across_layers(tiny_bert_dir: Path, conll_small: dict
 def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
         PruningScheduler(final_sparsity=1.5)
+    with pytest.raises(ValueError, match="criterion must be 'magnitude' or 'movement'"):
+        PruningScheduler(criterion="taylor")
     with pytest.raises(ValueError, match="Unknown schedule kind"):
         PruningScheduler(schedule="exponential")
     with pytest.raises(ValueError, match=r"selects no layer.*patterns"):

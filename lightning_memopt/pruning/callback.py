@@ -58,6 +58,9 @@ class PruningScheduler(Callback):
         start / end / every: schedule start, end and update interval, in optimizer steps (int) or as
             fractions of the run (float in [0, 1]).
         scope: ``"layer"`` prunes each layer to the target; ``"global"`` ranks all selected weights together.
+        criterion: ``"magnitude"`` ranks by |w|; ``"movement"`` by first-order movement scores
+            ``-sum_t w_t * dL/dw_t`` accumulated over the run (Sanh et al., 2020), which keeps the weights
+            that fine-tuning moves away from zero.
         modules: which layers: ``None`` for the encoder's Linear layers (not embeddings, pooler or heads),
             a list of regular expressions matched against module names, or a ``(module, name) -> bool`` callable.
     """
@@ -71,12 +74,17 @@ class PruningScheduler(Callback):
         end: int | float = 0.7,
         every: int | float = 0.01,
         scope: Literal["layer", "global"] = "layer",
+        criterion: Literal["magnitude", "movement"] = "magnitude",
         modules: Sequence[str] | ModuleFilter | None = None,
     ) -> None:
         self.plan = SparsitySchedule(final_sparsity, schedule, initial_sparsity, start, end, every)
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
         self.scope = scope
+        if criterion not in ("magnitude", "movement"):
+            raise ValueError(f"criterion must be 'magnitude' or 'movement', got {criterion!r}.")
+        self.criterion = criterion
+        self.movement: dict[str, Tensor] = {}
         self.module_filter = as_filter(modules)
         self.masks: dict[str, Tensor] = {}
         self.sparsity = 0.0
@@ -86,11 +94,16 @@ class PruningScheduler(Callback):
     # -- state that goes into checkpoints ------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}, "sparsity": self.sparsity}
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "movement": {name: score.cpu() for name, score in self.movement.items()},
+            "sparsity": self.sparsity,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
+        self.movement = dict(state_dict.get("movement", {}))
         self.sparsity = float(state_dict["sparsity"])
 
     # -- Lightning hooks -----------------------------------------------------------------------
@@ -116,6 +129,16 @@ class PruningScheduler(Callback):
                 )
             self.masks = {name: mask.to(self.weights[name].device) for name, mask in self.masks.items()}
             self._apply_masks(trainer)
+        self.movement = (
+            {
+                name: self.movement[name].to(weight.device)
+                if name in self.movement
+                else torch.zeros_like(weight, dtype=torch.float32)
+                for name, weight in self.weights.items()
+            }
+            if self.criterion == "movement"
+            else {}
+        )
         rank_zero_info(
             f"PruningScheduler: {len(self.weights)} weight matrices ({self._selected_numel():,} weights), "
             f"{self.run.kind} schedule to {self.run.final_sparsity:.0%} from step {self.run.start_step} "
@@ -137,6 +160,10 @@ class PruningScheduler(Callback):
             grad = self.weights[name].grad
             if grad is not None:
                 grad.mul_(mask)
+        for name, score in self.movement.items():
+            weight = self.weights[name]
+            if weight.grad is not None:  # gradients are already averaged across DDP ranks here
+                score.sub_(weight.detach().float() * weight.grad.float())
 
     @override
     def on_train_batch_end(
@@ -156,7 +183,12 @@ class PruningScheduler(Callback):
         return sum(weight.numel() for weight in self.weights.values())
 
     def _update_masks(self, target: float, trainer: Trainer) -> None:
-        scores = {name: weight.detach().abs() for name, weight in self.weights.items()}
+        if self.criterion == "movement":
+            scores = {name: score.clone() for name, score in self.movement.items()}
+        else:
+            scores = {name: weight.detach().abs().float() for name, weight in self.weights.items()}
+        for name, mask in self.masks.items():  # pruned weights stay pruned
+            scores[name][~mask] = float("-inf")
         make = layerwise_masks if self.scope == "layer" else global_masks
         masks = make(scores, target)
         # Every rank holds the same weights under DDP; rank 0's masks are made authoritative anyway.
