@@ -49,7 +49,7 @@ def schedule(criterion: str = "magnitude") -> PruningScheduler:
 def test_reaches_exact_sparsity_and_zeros_stay_zero(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    pruning = schedule()
+    pruning = PruningScheduler(final_sparsity=0.6, start=2, end=10, every=2, plot_path=str(tmp_path / "pruning.png"))
     module, trainer = fit(tiny_bert_dir, conll_small, tmp_path, pruning)
     assert len(pruning.weights) == 2 * 6  # query, key, value, attention output, intermediate, output per layer
     for name, weight in pruning.weights.items():
@@ -61,6 +61,8 @@ def test_reaches_exact_sparsity_and_zeros_stay_zero(
     embeddings = untouched["model.bert.embeddings.word_embeddings.weight"]
     assert int((embeddings == 0).sum()) == embeddings.shape[1]  # only the padding row, zero from initialisation
     assert trainer.callback_metrics["sparsity"] == pytest.approx(0.6)
+    assert [step for step, _ in pruning.history] == [4, 6, 8, 10]  # step 2 of the cubic ramp is still 0
+    assert (tmp_path / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last_row = pruning.sparsity_table().splitlines()[-1].split()
     assert last_row[0] == "total" and float(last_row[1]) == pytest.approx(0.6, abs=1e-3)
 

@@ -61,6 +61,8 @@ class PruningScheduler(Callback):
         criterion: ``"magnitude"`` ranks by |w|; ``"movement"`` by first-order movement scores
             ``-sum_t w_t * dL/dw_t`` accumulated over the run (Sanh et al., 2020), which keeps the weights
             that fine-tuning moves away from zero.
+        plot_path: where to write a PNG of the schedule and the per-layer sparsity when fit ends
+            (needs matplotlib).
         modules: which layers: ``None`` for the encoder's Linear layers (not embeddings, pooler or heads),
             a list of regular expressions matched against module names, or a ``(module, name) -> bool`` callable.
     """
@@ -76,6 +78,7 @@ class PruningScheduler(Callback):
         scope: Literal["layer", "global"] = "layer",
         criterion: Literal["magnitude", "movement"] = "magnitude",
         modules: Sequence[str] | ModuleFilter | None = None,
+        plot_path: str | None = None,
     ) -> None:
         self.plan = SparsitySchedule(final_sparsity, schedule, initial_sparsity, start, end, every)
         if scope not in ("layer", "global"):
@@ -85,6 +88,8 @@ class PruningScheduler(Callback):
             raise ValueError(f"criterion must be 'magnitude' or 'movement', got {criterion!r}.")
         self.criterion = criterion
         self.movement: dict[str, Tensor] = {}
+        self.plot_path = plot_path
+        self.history: list[tuple[int, float]] = []
         self.module_filter = as_filter(modules)
         self.masks: dict[str, Tensor] = {}
         self.sparsity = 0.0
@@ -98,6 +103,7 @@ class PruningScheduler(Callback):
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
             "movement": {name: score.cpu() for name, score in self.movement.items()},
             "sparsity": self.sparsity,
+            "history": [list(point) for point in self.history],
         }
 
     @override
@@ -105,6 +111,7 @@ class PruningScheduler(Callback):
         self.masks = dict(state_dict["masks"])
         self.movement = dict(state_dict.get("movement", {}))
         self.sparsity = float(state_dict["sparsity"])
+        self.history = [(int(step), float(value)) for step, value in state_dict.get("history", [])]
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
@@ -177,6 +184,12 @@ class PruningScheduler(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(self.sparsity_table())
+        if self.plot_path and trainer.is_global_zero and self.run is not None:
+            from lightning_memopt.pruning.plot import plot_pruning
+
+            total = int(trainer.estimated_stepping_batches)
+            written = plot_pruning(self.plot_path, self.run, total, self.history, self.layer_sparsities())
+            rank_zero_info(f"PruningScheduler: plot written to {written}")
 
     # -- the work ----------------------------------------------------------------------------
     def _selected_numel(self) -> int:
@@ -194,6 +207,7 @@ class PruningScheduler(Callback):
         # Every rank holds the same weights under DDP; rank 0's masks are made authoritative anyway.
         self.masks = trainer.strategy.broadcast(masks, src=0)
         self.sparsity = target
+        self.history.append((trainer.global_step, target))
         self._apply_masks(trainer)
         log.info("step %d: sparsity %.4f (measured %.4f)", trainer.global_step, target, mask_sparsity(self.masks))
 
