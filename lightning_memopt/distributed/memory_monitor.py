@@ -1,0 +1,128 @@
+"""``MemoryMonitor``: per-step peak memory and, at the end of fit, where the memory went.
+
+On CUDA the peak is ``torch.cuda.max_memory_allocated`` (reset before each step); on CPU it is the
+process's peak resident set size, ``VmHWM`` in ``/proc/self/status``, reset before each step by writing
+``5`` to ``/proc/self/clear_refs`` (Linux). The end-of-fit table splits the largest step peak into
+parameters, gradients, optimizer state (by dtype) and the rest (activations, temporaries, and on CPU
+the interpreter and libraries).
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(10, 10)
+    >>> model_state_bytes(model)
+    {'parameters': 440, 'gradients': 0}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+MIB = 2**20
+STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def cpu_peak_bytes() -> int:
+    """This process's peak resident set size since start or the last :func:`reset_cpu_peak`."""
+    match = re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text())
+    if match is None:
+        raise RuntimeError(f"{STATUS} has no VmHWM line; CPU peak memory needs Linux.")
+    return int(match.group(1)) * 1024
+
+
+def reset_cpu_peak() -> None:
+    """Reset the peak resident set size to the current one (Linux ``clear_refs``)."""
+    CLEAR_REFS.write_text("5")
+
+
+def model_state_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the parameters and by their gradients."""
+    parameters = list(model.parameters())
+    return {
+        "parameters": sum(p.numel() * p.element_size() for p in parameters),
+        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in parameters if p.grad is not None),
+    }
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of optimizer state tensors (e.g. Adam's moments), keyed by dtype."""
+    totals: dict[str, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                key = str(value.dtype).removeprefix("torch.")
+                totals[key] = totals.get(key, 0) + value.numel() * value.element_size()
+    return totals
+
+
+class MemoryMonitor(Callback):
+    """Log each training step's peak memory (``peak_memory_mib``) and print a breakdown when fit ends.
+
+    Works with any LightningModule. The breakdown is kept in :attr:`breakdown` (bytes) after fit.
+    """
+
+    def __init__(self) -> None:
+        self.step_peaks: list[int] = []
+        self.breakdown: dict[str, int] = {}
+
+    def _device(self, pl_module: LightningModule) -> torch.device:
+        return pl_module.device
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._device(pl_module).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        else:
+            reset_cpu_peak()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        device = self._device(pl_module)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
+        self.step_peaks.append(peak)
+        pl_module.log("peak_memory_mib", peak / MIB, on_step=True, on_epoch=False, prog_bar=True)
+        if len(self.step_peaks) == 1 or peak >= max(self.step_peaks[:-1]):
+            self._record_breakdown(trainer, pl_module, peak)
+
+    def _record_breakdown(self, trainer: Trainer, pl_module: LightningModule, peak: int) -> None:
+        states = model_state_bytes(pl_module)
+        # Gradients are freed by zero_grad(set_to_none=True) after the step; count them at parameter size.
+        trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+        states["gradients"] = max(states["gradients"], trainable)
+        for optimizer in trainer.optimizers:
+            for dtype, size in optimizer_state_bytes(optimizer).items():
+                key = f"optimizer state ({dtype})"
+                states[key] = states.get(key, 0) + size
+        states["other (activations, temporaries, runtime)"] = max(0, peak - sum(states.values()))
+        states["peak"] = peak
+        self.breakdown = states
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.breakdown:
+            device = "CUDA allocated" if self._device(pl_module).type == "cuda" else "CPU resident"
+            rank_zero_info(format_breakdown(self.breakdown, f"Memory at the largest step peak (rank 0, {device}):"))
+
+
+def format_breakdown(breakdown: dict[str, int], title: str) -> str:
+    """A table of MiB and shares of the peak.
+
+    Example:
+        >>> print(format_breakdown({"parameters": 2**20, "peak": 2**22}, "Memory:"))
+        Memory:
+          parameters      1.0 MiB   25.0 %
+          peak            4.0 MiB  100.0 %
+    """
+    width = max(len(name) for name in breakdown)
+    peak = breakdown.get("peak") or 1
+    rows = [f"  {name:<{width}}  {size / MIB:7.1f} MiB  {100 * size / peak:5.1f} %" for name, size in breakdown.items()]
+    return "\n".join([title, *rows])
