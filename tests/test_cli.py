@@ -77,6 +77,8 @@ def test_recipes_and_overlays_parse(
         assert "DDPStrategy" in printed
     if overlay and "multi-node" in overlay[0]:
         assert "num_nodes: 2" in printed
+    if overlay and "pruning" in overlay[0]:
+        assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
 
 
 def test_fit_without_validation_data_or_checkpoint_sections(

@@ -173,3 +173,23 @@ def test_warmup_then_linear_decay() -> None:
     assert rates == [0.0, 0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match=r"--model\.warmup_steps=9 is longer than the run"):
         linear_warmup_decay(optimizer, warmup_steps=9, total_steps=4)
+
+
+def test_8bit_adamw_from_bitsandbytes(conll_small: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from lightning_memopt.distributed.memory_monitor import optimizer_state_bytes
+
+    module = TokenClassificationModule(
+        str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3, optimizer="adamw8bit"
+    )
+    dm = TokenClassificationDataModule(
+        train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), batch_size=16
+    )
+    trainer = fit(module, dm, tmp_path, steps=4)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW8bit"
+    embeddings = module.model.bert.embeddings.word_embeddings.weight
+    assert optimizer.state[embeddings]["state1"].dtype == torch.uint8  # both moments as 8-bit codes
+    assert optimizer_state_bytes(optimizer)["uint8"] > 2 * embeddings.numel() - 1
+    assert float(trainer.callback_metrics["val_loss"]) < 10
+    with pytest.raises(ValueError, match=r"--model\.optimizer='lion'"):
+        TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, optimizer="lion")

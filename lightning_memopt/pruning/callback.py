@@ -219,7 +219,8 @@ class PruningScheduler(Callback):
                 weight.mul_(mask)
                 for optimizer in trainer.optimizers:
                     for value in optimizer.state.get(weight, {}).values():
-                        if isinstance(value, Tensor) and value.shape == weight.shape:
+                        # Quantized states (bitsandbytes' uint8 codes) are left alone: code 0 is not 0.0.
+                        if isinstance(value, Tensor) and value.shape == weight.shape and value.is_floating_point():
                             value.mul_(mask)
 
     def layer_sparsities(self) -> dict[str, float]:

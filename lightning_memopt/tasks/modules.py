@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from lightning_memopt.tasks.entity_f1 import EntityF1
-from lightning_memopt.tasks.optim import build_adamw, linear_warmup_decay
+from lightning_memopt.tasks.optim import OPTIMIZERS, build_adamw, linear_warmup_decay
 from lightning_memopt.tasks.sources import resolve_pretrained
 
 TASK_KEY = "memopt_task"
@@ -58,6 +58,7 @@ class TransformerTaskModule(LightningModule):
         warmup_steps: int | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_epsilon: float = 1e-8,
+        optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
         classifier_dropout: float | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -66,6 +67,8 @@ class TransformerTaskModule(LightningModule):
         self.labels = check_labels(labels)
         if learning_rate <= 0:
             raise ValueError(f"--model.learning_rate must be positive, got {learning_rate}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"--model.optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}.")
         self.save_hyperparameters()
@@ -147,7 +150,9 @@ class TransformerTaskModule(LightningModule):
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
-        optimizer = build_adamw(self, hp.learning_rate, hp.weight_decay, tuple(hp.adam_betas), hp.adam_epsilon)
+        optimizer = build_adamw(
+            self, hp.learning_rate, hp.weight_decay, tuple(hp.adam_betas), hp.adam_epsilon, kind=hp.optimizer
+        )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
         scheduler = linear_warmup_decay(optimizer, warmup_steps=warmup, total_steps=total)

@@ -32,15 +32,33 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
 def build_adamw(
     model: nn.Module,
     learning_rate: float,
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over :func:`parameter_groups`."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+    kind: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW over :func:`parameter_groups`: ``torch.optim.AdamW``, or bitsandbytes' 8-bit (optionally paged) AdamW.
+
+    The 8-bit variants keep both moments as 8-bit codes with block-wise scales (about a quarter of the
+    float32 state bytes) for tensors of 4096+ entries; smaller ones stay 32-bit.
+    """
+    groups = parameter_groups(model, weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--model.optimizer={kind!r} is not one of {OPTIMIZERS}.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError(f"--model.optimizer={kind} needs bitsandbytes: pip install bitsandbytes") from None
+    optimizer_class = bnb.optim.AdamW8bit if kind == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
 def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int) -> float:
