@@ -58,6 +58,7 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/strategies/single-device.yaml"],
         ["recipes/strategies/ddp.yaml"],
         ["recipes/strategies/multi-node.yaml"],
+        ["recipes/pruning/unstructured-80.yaml", "recipes/optimizers/adamw8bit.yaml"],
     ],
 )
 @pytest.mark.parametrize("task", ["ner", "sst2"])
