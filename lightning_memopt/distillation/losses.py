@@ -1,0 +1,114 @@
+"""Distillation losses as pure functions of logits, hidden states and attention maps.
+
+The classic objective (Hinton et al., 2015) mixes the task loss with a soft-target term:
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T))
+
+For token classification only positions with a label count (not padding, not ignored sub-tokens):
+pass the labels with ``ignore_index`` there, or a ``mask``.
+
+Example:
+    >>> import torch
+    >>> student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    >>> parts = distillation_loss(student, teacher, torch.tensor([0]), alpha=0.5, temperature=2.0)
+    >>> round(float(parts["kd"]), 4), round(float(parts["loss"]), 4)
+    (0.4898, 0.4015)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def check_alpha_temperature(alpha: float, temperature: float) -> None:
+    """Raise a ValueError naming the option when ``alpha`` is outside [0, 1] or ``temperature`` is not positive."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (the weight of the distillation term), got {alpha}.")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+
+
+def _flatten(logits: Tensor, keep: Tensor | None) -> Tensor:
+    """Rows of class scores at the kept positions: ``[N, C]`` from ``[..., C]``."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if keep is None else rows[keep.reshape(-1)]
+
+
+def soft_target_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over positions (rows); masked rows are skipped."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
+            "teacher and student must predict the same labels."
+        )
+    student = _flatten(student_logits, mask).float() / temperature
+    teacher = _flatten(teacher_logits, mask).float() / temperature
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+    return kl.sum(-1).mean() * temperature**2
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Tensor]:
+    """``{"loss", "ce", "kd"}``: the mixed objective and its two parts (for logging them apart)."""
+    check_alpha_temperature(alpha, temperature)
+    keep = labels != ignore_index
+    ce = F.cross_entropy(
+        student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index
+    )
+    kd = soft_target_kl(student_logits, teacher_logits, temperature, keep)
+    return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+
+
+def hidden_state_mse(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    projection: torch.nn.Module | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Mean squared error between hidden states ``[B, L, H]`` at the kept positions (``mask`` ``[B, L]``).
+
+    When widths differ, ``projection`` (e.g. ``nn.Linear(student_width, teacher_width)``) maps the student first.
+    """
+    if projection is not None:
+        student_hidden = projection(student_hidden)
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"Hidden states {tuple(student_hidden.shape)} (student) and {tuple(teacher_hidden.shape)} (teacher) "
+            "differ; give a projection from the student's width to the teacher's."
+        )
+    error = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+    return error.mean() if mask is None else error[mask.bool()].mean()
+
+
+def attention_kl(student_attention: Tensor, teacher_attention: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(teacher ‖ student) between attention distributions ``[B, heads, L, L]``, MiniLM-style.
+
+    Averaged over heads and over the query positions that ``mask`` (``[B, L]``) keeps.
+    """
+    if student_attention.shape != teacher_attention.shape:
+        raise ValueError(
+            f"Attention maps {tuple(student_attention.shape)} (student) and {tuple(teacher_attention.shape)} "
+            "(teacher) differ; attention transfer needs the same number of heads and positions."
+        )
+    eps = torch.finfo(torch.float32).tiny
+    teacher = teacher_attention.float().clamp_min(eps)
+    student = student_attention.float().clamp_min(eps)
+    kl = (teacher * (teacher.log() - student.log())).sum(-1)  # [B, heads, L]
+    if mask is None:
+        return kl.mean()
+    keep = mask.bool().unsqueeze(1).expand_as(kl)
+    return kl[keep].mean()

@@ -1,0 +1,72 @@
+"""Distillation losses against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_memopt.distillation import attention_kl, distillation_loss, hidden_state_mse, soft_target_kl
+
+
+def softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def test_soft_target_kl_by_hand() -> None:
+    student, teacher, temperature = [2.0, 0.5, -1.0], [0.0, 1.0, 3.0], 3.0
+    expected = temperature**2 * kl(
+        softmax([t / temperature for t in teacher]), softmax([s / temperature for s in student])
+    )
+    value = soft_target_kl(torch.tensor([student]), torch.tensor([teacher]), temperature)
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_mixed_loss_only_at_labelled_positions() -> None:
+    # One sentence of three positions; the middle one is an ignored sub-token, the last is padding.
+    student = torch.tensor([[[2.0, 0.0], [9.0, -9.0], [0.3, 0.1]]])
+    teacher = torch.tensor([[[0.0, 1.0], [-9.0, 9.0], [5.0, 5.0]]])
+    labels = torch.tensor([[1, -100, -100]])
+    alpha, temperature = 0.25, 2.0
+    ce = -math.log(softmax([2.0, 0.0])[1])
+    kd = temperature**2 * kl(softmax([0.0, 0.5]), softmax([1.0, 0.0]))
+    parts = distillation_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
+    assert float(parts["kd"]) == pytest.approx(kd, rel=1e-6)
+    assert float(parts["loss"]) == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-6)
+
+
+def test_alpha_and_temperature_are_checked() -> None:
+    logits, labels = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        distillation_loss(logits, logits, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        distillation_loss(logits, logits, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="same labels"):
+        soft_target_kl(torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+def test_hidden_state_mse_with_projection_and_mask() -> None:
+    student = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    teacher = torch.tensor([[[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]])
+    projection = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        projection.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert float(hidden_state_mse(student, teacher, projection, mask=torch.tensor([[1, 0]]))) == 0.0
+    assert float(hidden_state_mse(student, teacher, projection)) == pytest.approx((0 + (9 + 16) / 3) / 2)
+    with pytest.raises(ValueError, match="give a projection"):
+        hidden_state_mse(student, teacher)
+
+
+def test_attention_kl_by_hand() -> None:
+    teacher = torch.tensor([[[[0.5, 0.5], [0.9, 0.1]]]])  # [B=1, heads=1, L=2, L=2]
+    student = torch.tensor([[[[0.25, 0.75], [0.5, 0.5]]]])
+    rows = [kl([0.5, 0.5], [0.25, 0.75]), kl([0.9, 0.1], [0.5, 0.5])]
+    assert float(attention_kl(student, teacher)) == pytest.approx(sum(rows) / 2, rel=1e-6)
+    assert float(attention_kl(student, teacher, mask=torch.tensor([[1, 0]]))) == pytest.approx(rows[0], rel=1e-6)
