@@ -5,6 +5,7 @@ from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_s
 from lightning_memopt.pruning.schedules import ResolvedSchedule, SparsitySchedule, sparsity_at
 from lightning_memopt.pruning.selection import default_filter, pattern_filter, select_weights
 from lightning_memopt.pruning.sparse_format import SparseReport, load_sparse, save_sparse
+from lightning_memopt.pruning.structured import ffn_neuron_scores, shrink_ffn
 
 __all__ = [
     "PruningScheduler",
@@ -12,6 +13,7 @@ __all__ = [
     "SparseReport",
     "SparsitySchedule",
     "default_filter",
+    "ffn_neuron_scores",
     "global_masks",
     "layerwise_masks",
     "load_sparse",
@@ -19,5 +21,6 @@ __all__ = [
     "pattern_filter",
     "save_sparse",
     "select_weights",
+    "shrink_ffn",
     "sparsity_at",
 ]
