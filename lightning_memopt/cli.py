@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.tasks.modules import load_task_checkpoint
 
 DESCRIPTION = (
@@ -92,10 +93,23 @@ def export_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="memopt export", description=export_command.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="A checkpoint written by `memopt fit`.")
     parser.add_argument("--output_dir", required=True, help="Folder to write (created if missing).")
+    parser.add_argument(
+        "--sparse",
+        type=bool,
+        default=False,
+        help="Also write model.sparse.safetensors: pruned weights as non-zero values plus a 1-bit mask.",
+    )
     args = parser.parse_args(list(argv))
     module = load_task_checkpoint(args.ckpt_path)
     folder = module.export_pretrained(args.output_dir)
     print(f"Exported {type(module).__name__} with labels {module.labels} to {folder}")
+    if args.sparse:
+        report = save_sparse(module.model.state_dict(), folder / "model.sparse.safetensors")
+        print(
+            f"Sparse copy: {report.file_bytes / 2**20:.1f} MiB for {report.dense_bytes / 2**20:.1f} MiB of dense tensors "
+            f"({report.ratio:.1%}); {len(report.packed)} pruned tensors packed. Read it with "
+            "lightning_memopt.pruning.load_sparse."
+        )
 
 
 def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:

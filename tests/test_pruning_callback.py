@@ -195,3 +195,21 @@ def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
     checkpoint = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("PruningScheduler"))
     assert state["sparsity"] == pytest.approx(0.8)  # end = 70 % of 6 steps: reached by step 5
+
+    # Export: a dense folder plain transformers loads, plus the compressed sparse copy.
+    from lightning_memopt.pruning import load_sparse
+
+    exported = tmp_path / "exported"
+    result = memopt(
+        [
+            "export",
+            f"--ckpt_path={tmp_path / 'runs/ner-conll2003/checkpoints/last.ckpt'}",
+            f"--output_dir={exported}",
+            "--sparse=true",
+        ],
+        cwd=tmp_path,
+    )
+    assert "Sparse copy:" in result.stdout
+    sparse = load_sparse(exported / "model.sparse.safetensors")
+    query = sparse["bert.encoder.layer.0.attention.self.query.weight"]
+    assert int((query == 0).sum()) == round(0.8 * query.numel())
