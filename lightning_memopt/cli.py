@@ -24,7 +24,7 @@ from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.tasks.modules import load_task_checkpoint
 
 DESCRIPTION = (
-    "memopt: fit, validate, test or predict with a recipe (memopt fit --config recipes/ner/conll2003.yaml); "
+    "memopt: fit, validate or test with a recipe (memopt fit --config recipes/ner/conll2003.yaml); "
     "`memopt export --help` writes a checkpoint as a folder plain transformers loads."
 )
 

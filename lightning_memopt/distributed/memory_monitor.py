@@ -72,12 +72,9 @@ class MemoryMonitor(Callback):
         self.step_peaks: list[int] = []
         self.breakdown: dict[str, int] = {}
 
-    def _device(self, pl_module: LightningModule) -> torch.device:
-        return pl_module.device
-
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._device(pl_module).type == "cuda":
+        if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         else:
             reset_cpu_peak()
@@ -86,7 +83,7 @@ class MemoryMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        device = self._device(pl_module)
+        device = pl_module.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
         self.step_peaks.append(peak)
         pl_module.log("peak_memory_mib", peak / MIB, on_step=True, on_epoch=False, prog_bar=True)
@@ -109,7 +106,7 @@ class MemoryMonitor(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.breakdown:
-            device = "CUDA allocated" if self._device(pl_module).type == "cuda" else "CPU resident"
+            device = "CUDA allocated" if pl_module.device.type == "cuda" else "CPU resident"
             rank_zero_info(format_breakdown(self.breakdown, f"Memory at the largest step peak (rank 0, {device}):"))
 
 

@@ -176,9 +176,7 @@ class PruningScheduler(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                self.weights[name].mul_(mask)
+        self._mask_weights()
         pl_module.log("sparsity", self.sparsity, on_step=True, on_epoch=False, prog_bar=True)
 
     @override
@@ -187,8 +185,7 @@ class PruningScheduler(Callback):
         if self.plot_path and trainer.is_global_zero and self.run is not None:
             from lightning_memopt.pruning.plot import plot_pruning
 
-            total = int(trainer.estimated_stepping_batches)
-            written = plot_pruning(self.plot_path, self.run, total, self.history, self.layer_sparsities())
+            written = plot_pruning(self.plot_path, self.run, self.history, self.layer_sparsities())
             rank_zero_info(f"PruningScheduler: plot written to {written}")
 
     # -- the work ----------------------------------------------------------------------------
@@ -211,12 +208,18 @@ class PruningScheduler(Callback):
         self._apply_masks(trainer)
         log.info("step %d: sparsity %.4f (measured %.4f)", trainer.global_step, target, mask_sparsity(self.masks))
 
+    @torch.no_grad()
+    def _mask_weights(self) -> None:
+        """Zero the pruned weights (after every optimizer step)."""
+        for name, mask in self.masks.items():
+            self.weights[name].mul_(mask)
+
     def _apply_masks(self, trainer: Trainer) -> None:
         """Zero pruned weights and their optimizer state (e.g. Adam's moments)."""
+        self._mask_weights()
         with torch.no_grad():
             for name, mask in self.masks.items():
                 weight = self.weights[name]
-                weight.mul_(mask)
                 for optimizer in trainer.optimizers:
                     for value in optimizer.state.get(weight, {}).values():
                         # Quantized states (bitsandbytes' uint8 codes) are left alone: code 0 is not 0.0.

@@ -11,7 +11,6 @@ from lightning_memopt.pruning.schedules import ResolvedSchedule, sparsity_at
 def plot_pruning(
     path: str | Path,
     schedule: ResolvedSchedule,
-    total_steps: int,
     history: Sequence[tuple[int, float]],
     layer_sparsities: Mapping[str, float],
 ) -> Path:
@@ -24,7 +23,7 @@ def plot_pruning(
     except ImportError:
         raise ImportError("Plotting needs matplotlib: pip install 'lightning-memopt[plots]'.") from None
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
-    steps = list(range(total_steps + 1))
+    steps = list(range(schedule.total_steps + 1))
     left.plot(
         steps, [sparsity_at(s, schedule) for s in steps], drawstyle="steps-post", label=f"{schedule.kind} schedule"
     )

@@ -48,6 +48,7 @@ class ResolvedSchedule:
     start_step: int
     end_step: int
     every_steps: int
+    total_steps: int
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class SparsitySchedule:
                 f"The schedule runs to step {max(start, end)} but the run has only {total_steps} optimizer steps; "
                 "lower end (or start), or train longer."
             )
-        return ResolvedSchedule(self.kind, self.initial_sparsity, self.final_sparsity, start, end, every)
+        return ResolvedSchedule(self.kind, self.initial_sparsity, self.final_sparsity, start, end, every, total_steps)
 
 
 def sparsity_at(step: int, schedule: ResolvedSchedule) -> float:

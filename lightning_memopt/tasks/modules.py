@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from lightning_memopt.tasks.entity_f1 import EntityF1
-from lightning_memopt.tasks.optim import OPTIMIZERS, build_adamw, linear_warmup_decay
+from lightning_memopt.tasks.optim import build_adamw, check_optimizer, linear_warmup_decay
 from lightning_memopt.tasks.sources import resolve_pretrained
 
 TASK_KEY = "memopt_task"
@@ -67,8 +67,7 @@ class TransformerTaskModule(LightningModule):
         self.labels = check_labels(labels)
         if learning_rate <= 0:
             raise ValueError(f"--model.learning_rate must be positive, got {learning_rate}.")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"--model.optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+        check_optimizer(optimizer)
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}.")
         self.save_hyperparameters()

@@ -35,6 +35,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
+def check_optimizer(kind: str) -> str:
+    """``kind`` if it names one of :data:`OPTIMIZERS`, else a ValueError naming ``--model.optimizer``."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--model.optimizer={kind!r} is not one of {OPTIMIZERS}.")
+    return kind
+
+
 def build_adamw(
     model: nn.Module,
     learning_rate: float,
@@ -49,10 +56,8 @@ def build_adamw(
     float32 state bytes) for tensors of 4096+ entries; smaller ones stay 32-bit.
     """
     groups = parameter_groups(model, weight_decay)
-    if kind == "adamw":
+    if check_optimizer(kind) == "adamw":
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"--model.optimizer={kind!r} is not one of {OPTIMIZERS}.")
     try:
         import bitsandbytes as bnb
     except ImportError:
