@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = PROJECT_ROOT / "examples" / "plain_lightning" / "sentiment.py"
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
@@ -112,3 +119,52 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
 
 
 MEMOPT = [sys.executable, "-m", "lightning_memopt.cli"]
+
+
+def load_example() -> ModuleType:
+    """Import the plain example project ``sentiment.py`` by file path (``examples`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("plain_lightning_sentiment", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quiet_trainer(**options: Any) -> Trainer:
+    """A CPU Trainer without logger, progress bar or model summary; ``options`` add to or override these."""
+    defaults = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return Trainer(**{**defaults, **options})
+
+
+class Interrupt(Callback):
+    """Kill the run (as a pre-empted job would be killed) after a given optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SystemExit("killed")
+
+
+def fit_tiny_ner(
+    tiny_bert_dir: Path,
+    train_file: Path,
+    root: Path,
+    callbacks: list[Callback],
+    max_steps: int,
+    save_every: int,
+    ckpt_path: str | None = None,
+) -> tuple[Any, Trainer]:
+    """Train the tiny BERT on a CoNLL file (batch 16), writing ``root/last.ckpt`` every ``save_every`` steps."""
+    from lightning_memopt import AtomicCheckpointIO, TokenClassificationDataModule, TokenClassificationModule
+
+    torch.manual_seed(0)
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
+    data = TokenClassificationDataModule(train_file=str(train_file), batch_size=16)
+    checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=save_every)
+    trainer = quiet_trainer(
+        max_steps=max_steps, default_root_dir=root, plugins=[AtomicCheckpointIO()], callbacks=[checkpoint, *callbacks]
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer

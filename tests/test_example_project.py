@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import lightning
 import pytest
 import torch
+from conftest import EXAMPLE, SHARED_DATA, load_example, quiet_trainer
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "plain_lightning" / "sentiment.py"
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 TRAIN_FILE = DATA / "sst2" / "train.tsv.gz"
 DEV_FILE = DATA / "sst2" / "dev.tsv.gz"
 
@@ -35,15 +32,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def load_example() -> ModuleType:
-    """Import ``sentiment.py`` by file path (``examples`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("plain_lightning_sentiment", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class StepRecorder(lightning.Callback):
@@ -73,15 +61,7 @@ def test_tiny_model_trains_on_sst2_tuples(one_thread: None) -> None:
     model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
     data = sentiment.SST2Tuples(train_file=str(TRAIN_FILE), val_file=str(DEV_FILE), max_train_rows=200, batch_size=32)
     recorder = StepRecorder()
-    trainer = lightning.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = quiet_trainer(max_steps=30, enable_checkpointing=False, callbacks=[recorder])
     trainer.fit(model, datamodule=data)
 
     assert len(data.train_set) == 200

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from conftest import quiet_trainer
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from lightning_memopt import MemoryMonitor
@@ -35,14 +36,7 @@ class SpikyModule(LightningModule):
 def test_per_step_peaks_and_breakdown() -> None:
     monitor = MemoryMonitor()
     module = SpikyModule()
-    trainer = Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[monitor],
-    )
+    trainer = quiet_trainer(max_steps=5, enable_checkpointing=False, callbacks=[monitor])
     trainer.fit(module)
     peaks = [p / 2**20 for p in monitor.step_peaks]
     assert len(peaks) == 5

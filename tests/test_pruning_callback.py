@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS, PROJECT_ROOT
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import CONLL_LABELS, PROJECT_ROOT, Interrupt, fit_tiny_ner, load_example, quiet_trainer
 
-from lightning_memopt import PruningScheduler, TokenClassificationDataModule, TokenClassificationModule
-
-
-class Interrupt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise SystemExit("killed")
+from lightning_memopt import PruningScheduler, TokenClassificationModule
 
 
 def fit(
     tiny_bert_dir: Path, conll_small: dict[str, Path], root: Path, pruning: PruningScheduler, *extra, ckpt_path=None
 ):
-    torch.manual_seed(0)
-    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
-    data = TokenClassificationDataModule(train_file=str(conll_small["train"]), batch_size=16)
-    trainer = Trainer(
-        max_steps=16,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=5), pruning, *extra],
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module, trainer
+    """16 steps on 160 sentences, ``root/last.ckpt`` every 5 steps."""
+    return fit_tiny_ner(tiny_bert_dir, conll_small["train"], root, [pruning, *extra], 16, 5, ckpt_path)
 
 
 def schedule(criterion: str = "magnitude") -> PruningScheduler:
@@ -131,7 +107,7 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(modules=["decoder"]))
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    trainer = Trainer(accelerator="cpu", strategy=ModelParallelStrategy(), devices=1, logger=False)
+    trainer = quiet_trainer(strategy=ModelParallelStrategy(), devices=1)
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
     with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy yet.*--trainer.strategy ddp"):
         PruningScheduler().setup(trainer, module, "fit")
@@ -150,20 +126,11 @@ def test_resume_with_other_layers_names_the_difference(
 
 
 def test_works_with_the_plain_example_project(shared_data: Path, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("sentiment", PROJECT_ROOT / "examples/plain_lightning/sentiment.py")
-    sentiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sentiment)
+    sentiment = load_example()
     model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
     data = sentiment.SST2Tuples(train_file=str(shared_data / "sst2/train.tsv.gz"), max_train_rows=200, batch_size=16)
     pruning = PruningScheduler(final_sparsity=0.5, start=0, end=6, every=2)
-    trainer = Trainer(
-        max_steps=10,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[pruning],
-    )
+    trainer = quiet_trainer(max_steps=10, enable_checkpointing=False, callbacks=[pruning])
     trainer.fit(model, datamodule=data)
     assert pruning.weights and not any("head" in name for name in pruning.weights)
     assert all(abs(s - 0.5) < 1e-3 for s in pruning.layer_sparsities().values())

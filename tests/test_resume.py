@@ -6,23 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import Interrupt, fit_tiny_ner
+from lightning.pytorch import Callback
 
-from lightning_memopt import AtomicCheckpointIO, TokenClassificationDataModule, TokenClassificationModule
 from lightning_memopt.tasks.resumable import ResumableShuffleSampler
-
-
-class Interrupt(Callback):
-    """Kill the run (as a pre-empted job would be killed) after a given optimizer step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise SystemExit("killed")
 
 
 class BatchRecorder(Callback):
@@ -34,24 +21,8 @@ class BatchRecorder(Callback):
 
 
 def run(tiny_bert_dir: Path, conll_small: dict[str, Path], root: Path, callbacks: list, ckpt_path: str | None = None):
-    torch.manual_seed(0)
-    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
-    data = TokenClassificationDataModule(train_file=str(conll_small["train"]), batch_size=16)  # 10 batches an epoch
-    trainer = Trainer(
-        max_steps=14,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            ModelCheckpoint(dirpath=root / "ckpt", save_top_k=0, save_last=True, every_n_train_steps=6),
-            *callbacks,
-        ],
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module, trainer
+    """14 steps on 160 sentences (10 batches an epoch), ``root/last.ckpt`` every 6 steps."""
+    return fit_tiny_ner(tiny_bert_dir, conll_small["train"], root, callbacks, 14, 6, ckpt_path)
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(
@@ -63,7 +34,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(
     first = BatchRecorder()
     with pytest.raises(SystemExit):
         run(tiny_bert_dir, conll_small, tmp_path / "resumed", [Interrupt(step=7), first])
-    last = tmp_path / "resumed" / "ckpt" / "last.ckpt"
+    last = tmp_path / "resumed" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6  # killed after step 7, last save at 6
 
     second = BatchRecorder()

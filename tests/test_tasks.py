@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS
+from conftest import CONLL_LABELS, quiet_trainer
 from lightning.pytorch import Trainer
 
 from lightning_memopt import (
@@ -21,12 +21,8 @@ from lightning_memopt.tasks.sources import resolve_pretrained
 
 
 def fit(module, datamodule, root: Path, steps: int = 6) -> Trainer:
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         val_check_interval=steps,
         check_val_every_n_epoch=None,
@@ -84,9 +80,7 @@ def test_resume_with_other_labels_is_refused(trained_ner, conll_small: dict[str,
     other = [CONLL_LABELS[0], CONLL_LABELS[2], CONLL_LABELS[1], *CONLL_LABELS[3:]]  # same tags, other ids
     module = TokenClassificationModule(str(trained_ner[0].model_name_or_path), labels=other)
     dm = TokenClassificationDataModule(train_file=str(conll_small["train"]), labels=None)
-    trainer = Trainer(
-        max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
-    )
+    trainer = quiet_trainer(max_steps=8, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint was trained with labels.*--model.labels"):
         trainer.fit(module, datamodule=dm, ckpt_path=checkpoint)
 
