@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_memopt.pruning.sparse_format import save_sparse
+from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.tasks.modules import load_task_checkpoint
 
 DESCRIPTION = (
@@ -99,8 +100,22 @@ def export_command(argv: Sequence[str]) -> None:
         default=False,
         help="Also write model.sparse.safetensors: pruned weights as non-zero values plus a 1-bit mask.",
     )
+    parser.add_argument(
+        "--shrink",
+        type=bool,
+        default=False,
+        help="Cut structurally pruned feed-forward neurons out of the model (smaller, faster, loads with plain "
+        "transformers); pruned attention heads stay as zeros (remove them after loading with "
+        "lightning_memopt.pruning.shrink_pruned(model, heads=True)).",
+    )
     args = parser.parse_args(list(argv))
     module = load_task_checkpoint(args.ckpt_path)
+    if args.shrink:
+        report = shrink_pruned(module.model)
+        print(
+            f"Shrunk: {report.neurons_kept} feed-forward neurons per block kept; parameters "
+            f"{report.params_before:,} -> {report.params_after:,} ({report.params_after / report.params_before:.1%})."
+        )
     folder = module.export_pretrained(args.output_dir)
     print(f"Exported {type(module).__name__} with labels {module.labels} to {folder}")
     if args.sparse:

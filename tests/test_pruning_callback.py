@@ -18,8 +18,10 @@ def fit(
     return fit_tiny_ner(tiny_bert_dir, conll_small["train"], root, [pruning, *extra], 16, 5, ckpt_path)
 
 
-def schedule(criterion: str = "magnitude") -> PruningScheduler:
-    return PruningScheduler(final_sparsity=0.6, schedule="cubic", start=2, end=10, every=2, criterion=criterion)
+def schedule(criterion: str = "magnitude", structure: str = "unstructured") -> PruningScheduler:
+    return PruningScheduler(
+        final_sparsity=0.6, schedule="cubic", start=2, end=10, every=2, criterion=criterion, structure=structure
+    )
 
 
 def test_reaches_exact_sparsity_and_zeros_stay_zero(
@@ -43,19 +45,22 @@ def test_reaches_exact_sparsity_and_zeros_stay_zero(
     assert last_row[0] == "total" and float(last_row[1]) == pytest.approx(0.6, abs=1e-3)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "movement"])
+@pytest.mark.parametrize(
+    ("criterion", "structure"),
+    [("magnitude", "unstructured"), ("movement", "unstructured"), ("gradient", "heads_and_neurons")],
+)
 def test_resume_mid_schedule_ends_with_identical_masks(
-    criterion: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+    criterion: str, structure: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    reference = schedule(criterion)
+    reference = schedule(criterion, structure)
     straight, _ = fit(tiny_bert_dir, conll_small, tmp_path / "straight", reference)
     with pytest.raises(SystemExit):
-        fit(tiny_bert_dir, conll_small, tmp_path / "resumed", schedule(criterion), Interrupt(step=7))
+        fit(tiny_bert_dir, conll_small, tmp_path / "resumed", schedule(criterion, structure), Interrupt(step=7))
     saved = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("PruningScheduler"))
     assert 0 < state["sparsity"] < 0.6  # interrupted mid-schedule
-    resumed_pruning = schedule(criterion)
+    resumed_pruning = schedule(criterion, structure)
     resumed, _ = fit(
         tiny_bert_dir,
         conll_small,
@@ -64,6 +69,8 @@ def test_resume_mid_schedule_ends_with_identical_masks(
         ckpt_path=str(tmp_path / "resumed" / "last.ckpt"),
     )
     assert set(resumed_pruning.masks) == set(reference.masks)
+    for name, keep in reference.kept_units.items():
+        assert torch.equal(keep, resumed_pruning.kept_units[name]), name
     for name, mask in reference.masks.items():
         assert torch.equal(mask, resumed_pruning.masks[name]), name
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
@@ -81,7 +88,8 @@ def test_movement_ranks_by_accumulated_weight_times_gradient(
         kept = movement.masks[name]
         # Among the weights still kept at the end, pruning removed the lowest movement scores first.
         assert (
-            movement.movement[name][kept].min() >= movement.movement[name][~kept & (movement.movement[name] > -1)].min()
+            movement.importance[name][kept].min()
+            >= movement.importance[name][~kept & (movement.importance[name] > -1)].min()
         )
     differing = sum(int((magnitude.masks[n] != movement.masks[n]).sum()) for n in magnitude.masks)
     assert differing > 0.1 * sum(m.numel() for m in magnitude.masks.values())
@@ -99,17 +107,27 @@ def test_global_scope_ranks_across_layers(tiny_bert_dir: Path, conll_small: dict
 def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
         PruningScheduler(final_sparsity=1.5)
-    with pytest.raises(ValueError, match="criterion must be 'magnitude' or 'movement'"):
+    with pytest.raises(ValueError, match="criterion must be 'magnitude' or 'movement' for unstructured"):
         PruningScheduler(criterion="taylor")
+    with pytest.raises(ValueError, match="criterion must be 'magnitude' or 'gradient' for structured"):
+        PruningScheduler(structure="heads", criterion="movement")
+    with pytest.raises(ValueError, match="structure must be"):
+        PruningScheduler(structure="blocks")
+    with pytest.raises(ValueError, match="scope='global' works for unstructured pruning only"):
+        PruningScheduler(structure="neurons", scope="global")
     with pytest.raises(ValueError, match="Unknown schedule kind"):
         PruningScheduler(schedule="exponential")
     with pytest.raises(ValueError, match=r"selects no layer.*patterns"):
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(modules=["decoder"]))
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    with pytest.raises(ValueError, match=r"selects none of the heads.*output projections such as"):
+        fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(structure="heads", modules=["decoder"]))
+    from types import SimpleNamespace
 
-    trainer = quiet_trainer(strategy=ModelParallelStrategy(), devices=1)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())  # Lightning refuses FSDPStrategy on CPU before our setup
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
-    with pytest.raises(ValueError, match=r"does not support ModelParallelStrategy yet.*--trainer.strategy ddp"):
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*--trainer.strategy ddp, or ModelParallel"):
         PruningScheduler().setup(trainer, module, "fit")
     with pytest.raises(ValueError, match="the run has only 16 optimizer steps"):
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(start=0, end=500))

@@ -5,15 +5,18 @@ from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_s
 from lightning_memopt.pruning.schedules import ResolvedSchedule, SparsitySchedule, sparsity_at
 from lightning_memopt.pruning.selection import default_filter, pattern_filter, select_weights
 from lightning_memopt.pruning.sparse_format import SparseReport, load_sparse, save_sparse
-from lightning_memopt.pruning.structured import ffn_neuron_scores, shrink_ffn
+from lightning_memopt.pruning.structured import ShrinkReport, shrink_pruned
+from lightning_memopt.pruning.units import UnitGroup, find_unit_groups
 
 __all__ = [
     "PruningScheduler",
     "ResolvedSchedule",
+    "ShrinkReport",
     "SparseReport",
     "SparsitySchedule",
+    "UnitGroup",
     "default_filter",
-    "ffn_neuron_scores",
+    "find_unit_groups",
     "global_masks",
     "layerwise_masks",
     "load_sparse",
@@ -21,6 +24,6 @@ __all__ = [
     "pattern_filter",
     "save_sparse",
     "select_weights",
-    "shrink_ffn",
+    "shrink_pruned",
     "sparsity_at",
 ]

@@ -1,18 +1,28 @@
-"""``PruningScheduler``: gradual magnitude pruning of any LightningModule, resumable and exact.
+"""``PruningScheduler``: gradual unstructured or structured pruning of any LightningModule, resumable and exact.
 
 The callback owns the masks (its ``state_dict`` goes into every checkpoint), so the module itself
 is unchanged: no mask buffers, no re-parametrisation, and a pruned checkpoint loads into the plain
 module. Each optimizer step it
 
-1. raises the masks to the schedule's sparsity when the schedule says so (lowest |w| pruned, per
-   layer or globally; weights already pruned stay pruned) and zeroes the pruned weights and their
-   optimizer state (Adam's moments);
+1. raises the masks to the schedule's sparsity when the schedule says so and zeroes the pruned
+   weights and their optimizer state (Adam's moments); weights already pruned stay pruned;
 2. zeroes pruned gradients before the optimizer sees them and re-applies the masks after the step,
    so pruned weights stay exactly zero (weight decay and momentum included).
+
+Unstructured pruning ranks single weights (``magnitude`` |w| or ``movement`` scores), per layer or
+globally. Structured pruning (``structure="heads"``, ``"neurons"`` or ``"heads_and_neurons"``) ranks
+whole attention heads and feed-forward neurons (``magnitude`` or ``gradient`` of a unit mask) and
+prunes the same fraction in every layer, so :func:`~lightning_memopt.pruning.shrink_pruned` can cut
+them out of the exported model. The sparsity of a structured run is the fraction of units removed.
+
+Works on one device, under DDP (masks are decided on rank 0 and broadcast) and under
+``ModelParallelStrategy`` (FSDP2: scores are computed on gathered full tensors and masks sharded like
+their parameters).
 
 Example:
     >>> from lightning.pytorch import Trainer
     >>> pruning = PruningScheduler(final_sparsity=0.8, start=0.0, end=0.7)
+    >>> heads_and_neurons = PruningScheduler(final_sparsity=0.5, structure="heads_and_neurons", criterion="gradient", start=0.1)
     >>> trainer = Trainer(callbacks=[pruning])  # doctest: +SKIP
 """
 
@@ -25,46 +35,65 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_sparsity
+from lightning_memopt.pruning.placement import full, place_like
 from lightning_memopt.pruning.schedules import ResolvedSchedule, ScheduleKind, SparsitySchedule, sparsity_at
 from lightning_memopt.pruning.selection import ModuleFilter, as_filter, select_weights
+from lightning_memopt.pruning.units import (
+    UnitGroup,
+    find_unit_groups,
+    keep_top_units,
+    magnitude_scores,
+    mask_gradient,
+    param_masks,
+    units_to_prune,
+)
 
 log = logging.getLogger("lightning_memopt")
 
+Structure = Literal["unstructured", "heads", "neurons", "heads_and_neurons"]
+CRITERIA = {"unstructured": ("magnitude", "movement"), "structured": ("magnitude", "gradient")}
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
-
-def refuse_sharded_strategies(trainer: Trainer, callback: str) -> None:
-    """Stop at setup, with what to use instead, on strategies whose sharded weights this callback cannot mask yet."""
+def refuse_unsupported_strategies(trainer: Trainer, callback: str) -> None:
+    """Stop at setup, with what to use instead, on strategies whose flattened shards cannot be masked."""
     name = type(trainer.strategy).__name__
-    if any(base.__name__ in SHARDED_STRATEGIES for base in type(trainer.strategy).__mro__):
+    if any(base.__name__ in UNSUPPORTED_STRATEGIES for base in type(trainer.strategy).__mro__):
         raise ValueError(
-            f"{callback} does not support {name} yet: it masks full weight matrices, which sharded strategies split "
-            "across ranks. Use --trainer.strategy ddp (or a single device); sharded-strategy support is planned."
+            f"{callback} does not support {name}: it flattens parameters into shards that cannot be masked "
+            "per weight. Use --trainer.strategy ddp, or ModelParallelStrategy (FSDP2, per-parameter sharding) "
+            "for sharded training."
         )
 
 
 class PruningScheduler(Callback):
-    """Prune the selected weights of any LightningModule on a sparsity schedule.
+    """Prune the selected weights (or heads and neurons) of any LightningModule on a sparsity schedule.
 
     Args:
-        final_sparsity: fraction of the selected weights that are zero at the end, in [0, 1).
+        final_sparsity: fraction of the selected weights (or units) that are zero at the end, in [0, 1).
         schedule: ``"cubic"`` (Zhu & Gupta gradual magnitude pruning), ``"linear"`` or ``"constant"``.
         initial_sparsity: sparsity applied when the schedule starts.
         start / end / every: schedule start, end and update interval, in optimizer steps (int) or as
             fractions of the run (float in [0, 1]).
-        scope: ``"layer"`` prunes each layer to the target; ``"global"`` ranks all selected weights together.
-        criterion: ``"magnitude"`` ranks by |w|; ``"movement"`` by first-order movement scores
-            ``-sum_t w_t * dL/dw_t`` accumulated over the run (Sanh et al., 2020), which keeps the weights
-            that fine-tuning moves away from zero.
+        structure: ``"unstructured"`` (single weights), or ``"heads"``, ``"neurons"``,
+            ``"heads_and_neurons"`` (attention heads and feed-forward neurons, the same fraction per layer).
+        scope: ``"layer"`` prunes each layer to the target; ``"global"`` ranks all selected weights together
+            (unstructured only).
+        criterion: unstructured: ``"magnitude"`` ranks by |w|; ``"movement"`` by first-order movement scores
+            ``-sum_t w_t * dL/dw_t`` accumulated over the run (Sanh et al., 2020). Structured:
+            ``"magnitude"`` ranks units by the norm of their weights; ``"gradient"`` by ``|dL/dm|`` for a mask
+            ``m`` on each unit, accumulated over steps (Michel et al., 2019), so start the schedule after
+            some steps (``start > 0``) to give the scores data.
+        modules: which layers: ``None`` for the encoder's Linear layers (not embeddings, pooler or heads),
+            a list of regular expressions matched against module names, or a ``(module, name) -> bool``
+            callable. For structured pruning it is matched against each unit group's output projection
+            (e.g. ``encoder.layer.3.output.dense``).
         plot_path: where to write a PNG of the schedule and the per-layer sparsity when fit ends
             (needs matplotlib).
-        modules: which layers: ``None`` for the encoder's Linear layers (not embeddings, pooler or heads),
-            a list of regular expressions matched against module names, or a ``(module, name) -> bool`` callable.
     """
 
     def __init__(
@@ -75,33 +104,57 @@ class PruningScheduler(Callback):
         start: int | float = 0.0,
         end: int | float = 0.7,
         every: int | float = 0.01,
+        structure: Structure = "unstructured",
         scope: Literal["layer", "global"] = "layer",
-        criterion: Literal["magnitude", "movement"] = "magnitude",
+        criterion: Literal["magnitude", "movement", "gradient"] = "magnitude",
         modules: Sequence[str] | ModuleFilter | None = None,
         plot_path: str | None = None,
     ) -> None:
         self.plan = SparsitySchedule(final_sparsity, schedule, initial_sparsity, start, end, every)
+        if structure not in ("unstructured", "heads", "neurons", "heads_and_neurons"):
+            raise ValueError(
+                f"structure must be 'unstructured', 'heads', 'neurons' or 'heads_and_neurons', got {structure!r}."
+            )
+        self.structure = structure
+        kind = "unstructured" if structure == "unstructured" else "structured"
+        if criterion not in CRITERIA[kind]:
+            raise ValueError(
+                f"criterion must be {' or '.join(repr(c) for c in CRITERIA[kind])} for {kind} pruning, got {criterion!r}."
+            )
+        self.criterion = criterion
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+        if scope == "global" and kind == "structured":
+            raise ValueError(
+                "scope='global' works for unstructured pruning only: structured pruning removes the same number of "
+                "heads and neurons from every layer, so the exported model keeps a uniform config. Use scope='layer'."
+            )
         self.scope = scope
-        if criterion not in ("magnitude", "movement"):
-            raise ValueError(f"criterion must be 'magnitude' or 'movement', got {criterion!r}.")
-        self.criterion = criterion
-        self.movement: dict[str, Tensor] = {}
-        self.plot_path = plot_path
-        self.history: list[tuple[int, float]] = []
         self.module_filter = as_filter(modules)
-        self.masks: dict[str, Tensor] = {}
+        self.plot_path = plot_path
+        # State that goes into checkpoints (full tensors, the same on every rank).
+        self.masks: dict[str, Tensor] = {}  # parameter name -> bool mask (True = kept)
+        self.kept_units: dict[str, Tensor] = {}  # unit group name -> bool per head/neuron (structured)
+        self.importance: dict[str, Tensor] = {}  # accumulated movement (per weight) or mask gradient (per unit)
         self.sparsity = 0.0
-        self.weights: dict[str, torch.nn.Parameter] = {}
+        self.history: list[tuple[int, float]] = []
+        # Bound at fit start.
+        self.weights: dict[str, nn.Parameter] = {}
+        self.groups: dict[str, UnitGroup] = {}
+        self.placed: dict[str, Tensor] = {}  # masks on the parameters' devices, sharded like them
         self.run: ResolvedSchedule | None = None
 
-    # -- state that goes into checkpoints ------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(structure=self.structure)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
-            "movement": {name: score.cpu() for name, score in self.movement.items()},
+            "kept_units": {name: keep.cpu() for name, keep in self.kept_units.items()},
+            "importance": {name: full(score).cpu() for name, score in self.importance.items()},
             "sparsity": self.sparsity,
             "history": [list(point) for point in self.history],
         }
@@ -109,21 +162,22 @@ class PruningScheduler(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
-        self.movement = dict(state_dict.get("movement", {}))
+        self.kept_units = dict(state_dict.get("kept_units", {}))
+        self.importance = dict(state_dict.get("importance", {}))
         self.sparsity = float(state_dict["sparsity"])
         self.history = [(int(step), float(value)) for step, value in state_dict.get("history", [])]
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        refuse_sharded_strategies(trainer, type(self).__name__)
-        self.weights = select_weights(pl_module, self.module_filter)
+        if stage == "fit":
+            refuse_unsupported_strategies(trainer, type(self).__name__)
+            self._select(pl_module)  # a filter that matches nothing fails here, before any training
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run = self.plan.resolve(int(trainer.estimated_stepping_batches))
+        self._select(pl_module)  # again: sharding strategies replace the parameters after setup
         if self.masks:  # restored from a checkpoint
             missing, unexpected = (
                 sorted(set(self.weights) - set(self.masks)),
@@ -134,22 +188,17 @@ class PruningScheduler(Callback):
                     "The checkpoint was pruned with other layers than the current `modules` filter selects: "
                     f"not in the checkpoint {missing}, only in the checkpoint {unexpected}. Use the same filter to resume."
                 )
-            self.masks = {name: mask.to(self.weights[name].device) for name, mask in self.masks.items()}
-            self._apply_masks(trainer)
-        self.movement = (
-            {
-                name: self.movement[name].to(weight.device)
-                if name in self.movement
-                else torch.zeros_like(weight, dtype=torch.float32)
-                for name, weight in self.weights.items()
-            }
-            if self.criterion == "movement"
-            else {}
-        )
+            self._place_and_apply(trainer)
+        self._init_importance()
+        what = f"{len(self.weights)} weight matrices ({self._selected_numel():,} weights)"
+        if self.groups:
+            heads = sum(g.count for g in self.groups.values() if g.kind == "head")
+            neurons = sum(g.count for g in self.groups.values() if g.kind == "neuron")
+            what = f"{heads} attention heads and {neurons} feed-forward neurons in {len(self.groups)} groups"
         rank_zero_info(
-            f"PruningScheduler: {len(self.weights)} weight matrices ({self._selected_numel():,} weights), "
-            f"{self.run.kind} schedule to {self.run.final_sparsity:.0%} from step {self.run.start_step} "
-            f"to {self.run.end_step}, every {self.run.every_steps} steps, {self.scope} ranking."
+            f"PruningScheduler: {what}, {self.run.kind} schedule to {self.run.final_sparsity:.0%} from step "
+            f"{self.run.start_step} to {self.run.end_step}, every {self.run.every_steps} steps, "
+            f"{self.criterion} ranking{' per layer' if self.scope == 'layer' else ' across layers'}."
         )
 
     @override
@@ -163,14 +212,21 @@ class PruningScheduler(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for name, mask in self.masks.items():
+        # Gradients are already averaged across DDP ranks (and reduce-scattered under FSDP2) here.
+        for name, mask in self.placed.items():
             grad = self.weights[name].grad
             if grad is not None:
                 grad.mul_(mask)
-        for name, score in self.movement.items():
-            weight = self.weights[name]
-            if weight.grad is not None:  # gradients are already averaged across DDP ranks here
-                score.sub_(weight.detach().float() * weight.grad.float())
+        if self.criterion == "movement":
+            for name, score in self.importance.items():
+                weight = self.weights[name]
+                if weight.grad is not None:
+                    score.sub_(weight.detach().float() * weight.grad.float())
+        elif self.criterion == "gradient":
+            for name, group in self.groups.items():
+                weight = self.weights[group.output]
+                if weight.grad is not None:
+                    self.importance[name] += mask_gradient(group, full(weight), full(weight.grad)).abs().cpu()
 
     @override
     def on_train_batch_end(
@@ -189,36 +245,94 @@ class PruningScheduler(Callback):
             rank_zero_info(f"PruningScheduler: plot written to {written}")
 
     # -- the work ----------------------------------------------------------------------------
+    def _select(self, pl_module: LightningModule) -> None:
+        """Bind the parameters to mask: the filtered weights, or every parameter the unit groups own."""
+        if self.structure == "unstructured":
+            self.weights = select_weights(pl_module, self.module_filter)
+            return
+        modules = dict(pl_module.named_modules())
+        groups = [
+            group
+            for group in find_unit_groups(pl_module, self.structure)
+            if self.module_filter(modules[group.output.removesuffix(".weight")], group.output.removesuffix(".weight"))
+        ]
+        if not groups:
+            raise ValueError(
+                f"The modules filter selects none of the {self.structure.replace('_', ' and ')} of "
+                f"{type(pl_module).__name__}: it is matched against output projections such as "
+                f"{find_unit_groups(pl_module, self.structure)[0].output.removesuffix('.weight')!r}."
+            )
+        self.groups = {group.name: group for group in groups}
+        params = dict(pl_module.named_parameters())
+        self.weights = {name: params[name] for group in groups for name in group.params}
+
     def _selected_numel(self) -> int:
         return sum(weight.numel() for weight in self.weights.values())
 
-    def _update_masks(self, target: float, trainer: Trainer) -> None:
+    def _init_importance(self) -> None:
         if self.criterion == "movement":
-            scores = {name: score.clone() for name, score in self.movement.items()}
+            self.importance = {
+                name: place_like(self.importance[name], weight)
+                if name in self.importance
+                else torch.zeros_like(weight, dtype=torch.float32)
+                for name, weight in self.weights.items()
+            }
+        elif self.criterion == "gradient":
+            self.importance = {
+                name: self.importance.get(name, torch.zeros(group.count)).float().cpu()
+                for name, group in self.groups.items()
+            }
+
+    def _update_masks(self, target: float, trainer: Trainer) -> None:
+        if self.groups:
+            self.kept_units, masks = self._unit_masks(target)
         else:
-            scores = {name: weight.detach().abs().float() for name, weight in self.weights.items()}
-        for name, mask in self.masks.items():  # pruned weights stay pruned
-            scores[name][~mask] = float("-inf")
-        make = layerwise_masks if self.scope == "layer" else global_masks
-        masks = make(scores, target)
+            masks = self._weight_masks(target)
         # Every rank holds the same weights under DDP; rank 0's masks are made authoritative anyway.
-        self.masks = trainer.strategy.broadcast(masks, src=0)
+        self.masks, self.kept_units = trainer.strategy.broadcast((masks, self.kept_units), src=0)
         self.sparsity = target
         self.history.append((trainer.global_step, target))
-        self._apply_masks(trainer)
+        self._place_and_apply(trainer)
         log.info("step %d: sparsity %.4f (measured %.4f)", trainer.global_step, target, mask_sparsity(self.masks))
+
+    def _weight_masks(self, target: float) -> dict[str, Tensor]:
+        if self.criterion == "movement":
+            scores = {name: full(score).clone() for name, score in self.importance.items()}
+        else:
+            scores = {name: full(weight.detach()).abs().float() for name, weight in self.weights.items()}
+        for name, mask in self.masks.items():  # pruned weights stay pruned
+            scores[name][~mask.to(scores[name].device)] = float("-inf")
+        return (layerwise_masks if self.scope == "layer" else global_masks)(scores, target)
+
+    def _unit_masks(self, target: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        shapes = {name: weight.shape for name, weight in self.weights.items()}
+        kept_units, masks = {}, {}
+        for name, group in self.groups.items():
+            if self.criterion == "gradient":
+                scores = self.importance[name]
+            else:
+                scores = magnitude_scores(group, {p: full(self.weights[p]) for p in group.params}).cpu()
+            kept = self.kept_units.get(name, torch.ones(group.count, dtype=torch.bool))
+            kept_units[name] = keep_top_units(scores, kept, units_to_prune(group.count, target))
+            masks.update(param_masks(group, kept_units[name], shapes))
+        return kept_units, masks
+
+    def _place_and_apply(self, trainer: Trainer) -> None:
+        self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
+        self.placed = {name: place_like(mask, self.weights[name]) for name, mask in self.masks.items()}
+        self._apply_masks(trainer)
 
     @torch.no_grad()
     def _mask_weights(self) -> None:
         """Zero the pruned weights (after every optimizer step)."""
-        for name, mask in self.masks.items():
+        for name, mask in self.placed.items():
             self.weights[name].mul_(mask)
 
     def _apply_masks(self, trainer: Trainer) -> None:
         """Zero pruned weights and their optimizer state (e.g. Adam's moments)."""
         self._mask_weights()
         with torch.no_grad():
-            for name, mask in self.masks.items():
+            for name, mask in self.placed.items():
                 weight = self.weights[name]
                 for optimizer in trainer.optimizers:
                     for value in optimizer.state.get(weight, {}).values():
@@ -227,14 +341,18 @@ class PruningScheduler(Callback):
                             value.mul_(mask)
 
     def layer_sparsities(self) -> dict[str, float]:
-        """Measured fraction of zeros in each selected weight."""
-        return {name: float((weight == 0).float().mean()) for name, weight in self.weights.items()}
+        """Measured fraction of zeros in each selected weight, or of units pruned in each group (structured)."""
+        if self.groups:
+            return {name: 1.0 - float(keep.float().mean()) for name, keep in self.kept_units.items()}
+        return {name: float((full(weight) == 0).float().mean()) for name, weight in self.weights.items()}
 
     def sparsity_table(self) -> str:
         """A per-layer table of measured sparsity, with the total over all selected weights."""
         rows = self.layer_sparsities()
+        if not rows:
+            return "PruningScheduler: nothing pruned yet."
         width = max(len(name) for name in rows)
-        zeros = sum(int((w == 0).sum()) for w in self.weights.values())
+        zeros = sum(int((full(w) == 0).sum()) for w in self.weights.values())
         lines = [f"{'layer':<{width}}  sparsity", *(f"{n:<{width}}  {s:8.4f}" for n, s in rows.items())]
         lines.append(f"{'total':<{width}}  {zeros / self._selected_numel():8.4f}")
         return "\n".join(lines)

@@ -1,19 +1,29 @@
-"""Structured pruning of feed-forward neurons, with physical removal that plain ``transformers`` loads.
+"""Cut structurally pruned heads and neurons out of a model, so it is smaller and faster.
 
-Each transformer block's feed-forward network is a pair of Linear layers, ``up`` (hidden → intermediate)
-and ``down`` (intermediate → hidden). Removing neuron ``j`` deletes row ``j`` of ``up`` (and its bias)
-and column ``j`` of ``down``; the output is exactly that of the model with the neuron's activation set
-to zero. Keeping the same number of neurons in every block lets the smaller model be described by
-``config.intermediate_size`` (``hidden_dim`` for DistilBERT), so ``from_pretrained`` loads it.
+After structured pruning the pruned units' weights are exactly zero (see :mod:`.units`).
+:func:`shrink_pruned` finds those all-zero units and slices them out of the Linear layers:
 
-Attention heads are not removed physically here: transformers 5 dropped ``prune_heads`` and
-``config.pruned_heads``, and BERT-style configs cannot express fewer heads of the same width.
+- **Feed-forward neurons** are removed when every block keeps the same number, and the config's
+  ``intermediate_size`` (``hidden_dim`` for DistilBERT) is updated, so ``save_pretrained`` writes a
+  folder that plain ``transformers`` loads.
+- **Attention heads** are removed in memory only (``heads=True``): transformers 5 dropped
+  ``prune_heads``/``config.pruned_heads`` and a BERT config cannot express fewer heads of the same
+  width, so an exported folder keeps pruned heads as zeros (still exact, and it loads anywhere).
+  Call ``shrink_pruned(model, heads=True)`` after ``from_pretrained`` to get the speed of the
+  smaller attention too.
+
+The shrunk model computes exactly what the masked model computes.
 
 Example:
     >>> from transformers import BertConfig, BertModel
-    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-    >>> shrink_ffn(model, ffn_neuron_scores(model), keep=0.5).config.intermediate_size
-    32
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    >>> with torch.no_grad():
+    ...     for layer in model.encoder.layer:  # what structured pruning leaves behind: neurons 32-63 zeroed
+    ...         layer.intermediate.dense.weight[32:] = 0
+    ...         layer.intermediate.dense.bias[32:] = 0
+    ...         layer.output.dense.weight[:, 32:] = 0
+    >>> shrink_pruned(model).neurons_kept, model.config.intermediate_size
+    (32, 32)
 """
 
 from __future__ import annotations
@@ -23,57 +33,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# (block class attribute path to the up projection, to the down projection, config field)
-FFN_LAYOUTS = (
-    ("intermediate.dense", "output.dense", "intermediate_size"),  # BERT, RoBERTa, ELECTRA, XLM-R, MPNet
-    ("ffn.lin1", "ffn.lin2", "hidden_dim"),  # DistilBERT
-)
+from lightning_memopt.pruning.units import UnitGroup, find_unit_groups, unit_index
 
 
 @dataclass(frozen=True)
-class FeedForward:
-    """One block's feed-forward pair."""
+class ShrinkReport:
+    """What :func:`shrink_pruned` removed: units kept per layer, and the parameter counts."""
 
-    block: str
-    up: nn.Linear
-    down: nn.Linear
-    up_path: str
-    down_path: str
-    config_field: str
+    neurons_kept: int | None  # per block, when neurons were removed
+    heads_kept: dict[str, int]  # per attention block, when heads were removed
+    params_before: int
+    params_after: int
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def find_feed_forwards(model: nn.Module) -> list[FeedForward]:
-    """The feed-forward pairs of every transformer block, in order; an error if the layout is unknown."""
-    found = []
-    for name, module in model.named_modules():
-        for up_path, down_path, field in FFN_LAYOUTS:
-            up, down = _get(module, up_path), _get(module, down_path)
-            if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
-                found.append(FeedForward(name, up, down, up_path, down_path, field))
-    if not found:
-        raise ValueError(
-            f"No feed-forward blocks found in {type(model).__name__}; known layouts are "
-            f"{[(u, d) for u, d, _ in FFN_LAYOUTS]}."
-        )
-    return found
-
-
-def ffn_neuron_scores(model: nn.Module) -> dict[str, Tensor]:
-    """Magnitude importance of each intermediate neuron: ‖row of up‖ · ‖column of down‖, per block."""
-    scores = {}
-    for ffn in find_feed_forwards(model):
-        up_norm = ffn.up.weight.detach().float().norm(dim=1)
-        down_norm = ffn.down.weight.detach().float().norm(dim=0)
-        scores[ffn.block] = up_norm * down_norm
-    return scores
+def zero_units(group: UnitGroup, params: dict[str, Tensor]) -> Tensor:
+    """One bool per unit: True where every weight and bias slice the unit owns is exactly zero."""
+    zero = torch.ones(group.count, dtype=torch.bool)
+    for piece in group.slices:
+        tensor = params[piece.param].detach()
+        nonzero = tensor.ne(0) if tensor.dim() == 1 else tensor.ne(0).any(dim=1 - piece.dim)
+        zero &= ~nonzero.view(group.count, group.size).any(dim=1).cpu()
+    return zero
 
 
 def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
@@ -88,32 +68,47 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
     return new
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attribute = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, attribute, new)
+def remove_units(model: nn.Module, group: UnitGroup, keep: Tensor) -> None:
+    """Slice the units ``keep`` drops out of every Linear layer the group spans (in place)."""
+    index = unit_index(group, keep).nonzero().squeeze(1)
+    for piece in group.slices:
+        if piece.param.endswith(".bias"):
+            continue  # sliced together with its weight
+        path = piece.param.removesuffix(".weight")
+        parent, _, attribute = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        linear = getattr(owner, attribute)
+        setattr(owner, attribute, _slice_linear(linear, index.to(linear.weight.device), piece.dim))
 
 
-def shrink_ffn(model: nn.Module, scores: dict[str, Tensor], keep: float) -> nn.Module:
-    """Keep the ``keep`` fraction of highest-scoring neurons in every block (the same count everywhere).
+def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:
+    """Remove all-zero feed-forward neurons (and, with ``heads=True``, all-zero attention heads) in place.
 
-    Modifies ``model`` in place and updates its ``config`` so ``save_pretrained`` writes a loadable folder.
+    Neurons are removed only if every block keeps the same number; otherwise an error says so.
     """
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1] (the fraction of feed-forward neurons kept), got {keep}.")
-    feed_forwards = find_feed_forwards(model)
-    width = feed_forwards[0].up.out_features
-    kept = max(1, round(keep * width))
-    for ffn in feed_forwards:
-        if ffn.up.out_features != width:
-            raise ValueError(
-                f"Block {ffn.block} has {ffn.up.out_features} neurons, not {width}; cannot shrink uniformly."
-            )
-        order = torch.argsort(scores[ffn.block], descending=True, stable=True)[:kept]
-        index = torch.sort(order).values.to(ffn.up.weight.device)
-        prefix = f"{ffn.block}." if ffn.block else ""
-        _replace(model, prefix + ffn.up_path, _slice_linear(ffn.up, index, dim=0))
-        _replace(model, prefix + ffn.down_path, _slice_linear(ffn.down, index, dim=1))
+    before = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
+    neurons = find_unit_groups(model, "neurons")
+    keeps = [~zero_units(group, params) for group in neurons]
+    counts = {int(keep.sum()) for keep in keeps}
+    if len(counts) > 1:
+        raise ValueError(
+            f"Blocks keep different numbers of feed-forward neurons ({sorted(counts)}); a config can only describe "
+            "one intermediate size. Prune with PruningScheduler(structure=..., scope='layer')."
+        )
+    neurons_kept = counts.pop()
+    for group, keep in zip(neurons, keeps, strict=True):
+        remove_units(model, group, keep)
     config = getattr(model, "config", None)
     if config is not None:
-        setattr(config, feed_forwards[0].config_field, kept)
-    return model
+        field = "hidden_dim" if hasattr(config, "hidden_dim") else "intermediate_size"
+        setattr(config, field, neurons_kept)
+    heads_kept = {}
+    if heads:
+        for group in find_unit_groups(model, "heads"):
+            keep = ~zero_units(group, dict(model.named_parameters()))
+            if keep.all():
+                continue
+            remove_units(model, group, keep)
+            heads_kept[group.name] = int(keep.sum())
+    return ShrinkReport(neurons_kept, heads_kept, before, sum(p.numel() for p in model.parameters()))
