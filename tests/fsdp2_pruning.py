@@ -1,0 +1,88 @@
+"""Run PruningScheduler under ModelParallelStrategy (FSDP2) on 2 CPU processes; each rank writes what it sees.
+
+Launched by ``test_pruning_fsdp2.py`` as ``python fsdp2_pruning.py OUT_DIR TRAIN_FILE MODEL_DIR STRUCTURE
+[--interrupt STEP] [--ckpt_path PATH]``; Lightning starts the second rank by re-running this script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+
+import torch
+from conftest import CONLL_LABELS, Interrupt
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+from lightning_memopt import PruningScheduler, TokenClassificationDataModule, TokenClassificationModule
+from lightning_memopt.pruning.placement import full
+
+
+class ShardedTokenClassifier(TokenClassificationModule):
+    """The task module with each BERT layer and the whole model sharded by FSDP2 ``fully_shard``."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def main() -> None:
+    parser = ArgumentParser()
+    for name in ("out_dir", "train_file", "model_dir", "structure"):
+        parser.add_argument(name)
+    parser.add_argument("--interrupt", type=int, default=None)
+    parser.add_argument("--ckpt_path", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    module = ShardedTokenClassifier(args.model_dir, labels=CONLL_LABELS, learning_rate=1e-3)
+    data = TokenClassificationDataModule(train_file=args.train_file, batch_size=8)
+    criterion = "magnitude" if args.structure in ("unstructured", "none") else "gradient"
+    structure = "unstructured" if args.structure == "none" else args.structure
+    pruning = PruningScheduler(final_sparsity=0.5, start=1, end=6, every=1, structure=structure, criterion=criterion)
+    callbacks = [ModelCheckpoint(dirpath=args.out_dir, save_top_k=0, save_last=True, every_n_train_steps=4)]
+    if args.structure != "none":
+        callbacks.append(pruning)
+    if args.interrupt is not None:
+        callbacks.append(Interrupt(step=args.interrupt))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=args.ckpt_path)
+    weights = {name: full(weight.detach()) for name, weight in pruning.weights.items()}
+    params = {name: full(param.detach()) for name, param in module.named_parameters()}
+    record = {
+        "rank": trainer.global_rank,
+        "sharded": all(type(w).__name__ == "DTensor" for w in pruning.weights.values()),
+        "sparsity": pruning.sparsity,
+        "zeros": {name: float((w == 0).float().mean()) for name, w in weights.items()},
+        "masks": digest(pruning.masks),
+        "kept_units": {name: keep.tolist() for name, keep in pruning.kept_units.items()},
+        "params": digest(params),
+    }
+    Path(args.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""PruningScheduler under ModelParallelStrategy (FSDP2 ``fully_shard``) on 2 CPU processes with gloo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT, subprocess_env
+
+SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_pruning.py"
+
+
+def launch(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[dict]:
+    command = [sys.executable, str(SCRIPT), str(out_dir), str(conll_small["train"]), str(model_dir), structure, *extra]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    if "--interrupt" in extra:
+        assert result.returncode != 0 and "killed" in result.stderr
+        return []
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_masks_on_sharded_weights_are_exact_identical_on_both_ranks_and_resume(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    ranks = launch(tmp_path / "unstructured", conll_small, tiny_bert_dir, "unstructured")
+    for record in ranks:
+        assert record["sharded"]  # the callback masked DTensor shards, not full copies
+        assert record["zeros"] and all(z == pytest.approx(0.5) for z in record["zeros"].values())
+    assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["masks"] == ranks[1]["masks"]
+
+    straight = launch(tmp_path / "straight", conll_small, tiny_bert_dir, "heads_and_neurons")
+    assert [sum(kept) for kept in straight[0]["kept_units"].values()] == [32, 1, 32, 1]
+    launch(tmp_path / "resumed", conll_small, tiny_bert_dir, "heads_and_neurons", "--interrupt", "5")
+    checkpoint = tmp_path / "resumed" / "last.ckpt"  # a distributed (sharded) checkpoint folder, saved at step 4
+    resumed = launch(
+        tmp_path / "resumed", conll_small, tiny_bert_dir, "heads_and_neurons", "--ckpt_path", str(checkpoint)
+    )
+    for record in resumed:
+        assert record["sparsity"] == 0.5
+        assert record["masks"] == straight[0]["masks"] and record["kept_units"] == straight[0]["kept_units"]
