@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import os
 import platform
@@ -77,3 +78,78 @@ class StepTimer(Callback):
             "train_steps": self.steps,
             "train_samples_per_second": round(self.samples / max(self.train_seconds, 1e-9), 2),
         }
+
+
+TASKS = {
+    "ner": {
+        "title": "CoNLL-2003 NER (validation, entity micro F1)",
+        "configs": ["recipes/ner/conll2003.yaml", "recipes/ner/conll2003-offline.yaml"],
+        "metric": "val_f1",
+        "auto_class": "AutoModelForTokenClassification",
+    },
+    "sst2": {
+        "title": "SST-2 (dev accuracy)",
+        "configs": ["recipes/classification/sst2.yaml", "recipes/classification/sst2-offline.yaml"],
+        "metric": "val_accuracy",
+        "auto_class": "AutoModelForSequenceClassification",
+    },
+}
+
+
+def step_budget(steps: int) -> list[str]:
+    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end."""
+    return [
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}",
+        "--trainer.check_val_every_n_epoch=null",
+    ]
+
+
+def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
+    """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded."""
+    with metrics_csv.open() as handle:
+        return [
+            {"step": int(row["step"]) + 1, metric: float(row[metric])}
+            for row in csv.DictReader(handle)
+            if row.get(metric)
+        ]
+
+
+def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:
+    """Fit a task's offline recipe in this process through ``memopt fit``'s code path; return the CLI and figures.
+
+    ``budget`` is extra CLI flags (e.g. :func:`step_budget`); ``callbacks`` are added to the recipe's own.
+    The last checkpoint is ``root/checkpoints/last.ckpt``.
+    """
+    from lightning_memopt.cli import run_cli
+
+    spec = TASKS[task]
+    timer = StepTimer()
+    args = ["fit"]
+    for config in spec["configs"]:
+        args += ["--config", str(PROJECT_ROOT / config)]
+    args += [
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--checkpoint.dirpath={root / 'checkpoints'}",
+        f"--last_checkpoint.dirpath={root / 'checkpoints'}",
+        "--trainer.enable_progress_bar=false",
+        *budget,
+    ]
+    started = time.perf_counter()
+    cli = run_cli(args, trainer_defaults={"callbacks": [timer, *(callbacks or [])]})
+    wall = time.perf_counter() - started
+    cli.trainer.save_checkpoint(root / "checkpoints" / "last.ckpt")
+    metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val_")}
+    return cli, {
+        "task": task,
+        "metric": spec["metric"],
+        "final": metrics.get(spec["metric"]),
+        "best": round(float(cli.trainer.checkpoint_callback.best_model_score or 0), 4),
+        "metrics": metrics,
+        "history": validation_history(Path(cli.trainer.logger.log_dir) / "metrics.csv", spec["metric"]),
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 0),
+        "epochs": cli.trainer.current_epoch,
+        **timer.summary(),
+    }

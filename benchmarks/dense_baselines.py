@@ -12,92 +12,19 @@ Results go to ``benchmarks/results/dense_baselines[-full].json`` and ``docs/resu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, StepTimer, machine, peak_rss_mib, today
-
-TASKS = {
-    "ner": {
-        "title": "CoNLL-2003 NER (validation, entity micro F1)",
-        "configs": ["recipes/ner/conll2003.yaml", "recipes/ner/conll2003-offline.yaml"],
-        "metric": "val_f1",
-        "full": [],  # the recipe's own budget: 3 epochs
-    },
-    "sst2": {
-        "title": "SST-2 (dev accuracy)",
-        "configs": ["recipes/classification/sst2.yaml", "recipes/classification/sst2-offline.yaml"],
-        "metric": "val_accuracy",
-        "full": [],  # the offline overlay's budget: 1 epoch
-    },
-}
-
-
-def quick_budget(steps: int) -> list[str]:
-    """CLI flags for the small default: ``steps`` optimizer steps, one validation at the end."""
-    return [
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={steps}",
-        "--trainer.check_val_every_n_epoch=null",
-    ]
-
-
-def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
-    """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded."""
-    with metrics_csv.open() as handle:
-        return [
-            {"step": int(row["step"]) + 1, metric: float(row[metric])}
-            for row in csv.DictReader(handle)
-            if row.get(metric)
-        ]
+from common import PROJECT_ROOT, TASKS, fit_recipe, machine, step_budget, today
 
 
 def run_task(task: str, full: bool, workdir: Path, steps: int) -> dict:
-    """Fit one recipe in this process and return its figures."""
-    from lightning_memopt.cli import run_cli
-
-    spec = TASKS[task]
-    timer = StepTimer()
-    args = ["fit"]
-    for config in spec["configs"]:
-        args += ["--config", str(PROJECT_ROOT / config)]
-    root = workdir / task
-    args += [
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.logger.init_args.save_dir",
-        str(root),
-        "--checkpoint.dirpath",
-        str(root / "checkpoints"),
-        "--last_checkpoint.dirpath",
-        str(root / "checkpoints"),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    args += spec["full"] if full else quick_budget(steps)
-    started = time.perf_counter()
-    cli = run_cli(args, trainer_defaults={"callbacks": [timer]})
-    wall = time.perf_counter() - started
-    history = validation_history(Path(cli.trainer.logger.log_dir) / "metrics.csv", spec["metric"])
-    metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val_")}
-    return {
-        "task": task,
-        "metric": spec["metric"],
-        "final": metrics.get(spec["metric"]),
-        "best": round(float(cli.trainer.checkpoint_callback.best_model_score or 0), 4),
-        "metrics": metrics,
-        "history": history,
-        "wall_seconds": round(wall, 1),
-        "peak_rss_mib": round(peak_rss_mib(), 0),
-        "epochs": cli.trainer.current_epoch,
-        **timer.summary(),
-    }
+    """Fit one recipe in this process and return its figures (full: the recipe's own epochs)."""
+    return fit_recipe(task, workdir / task, [] if full else step_budget(steps))[1]
 
 
 def write_report(results: list[dict], full: bool, command: str) -> Path:
