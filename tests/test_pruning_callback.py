@@ -153,6 +153,12 @@ def test_works_with_the_plain_example_project(shared_data: Path, tmp_path: Path)
     assert pruning.weights and not any("head" in name for name in pruning.weights)
     assert all(abs(s - 0.5) < 1e-3 for s in pruning.layer_sparsities().values())
 
+    structured = PruningScheduler(final_sparsity=0.5, structure="heads_and_neurons", start=0, end=6, every=2)
+    trainer = quiet_trainer(max_steps=8, enable_checkpointing=False, callbacks=[structured])
+    trainer.fit(model, datamodule=data)
+    assert len(structured.groups) == 4  # 2 layers: heads and neurons of the user's own BertModel
+    assert [int(keep.sum()) for keep in structured.kept_units.values()] == [64, 1, 64, 1]
+
 
 def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
