@@ -1,6 +1,7 @@
 """lightning_memopt: memory optimisation for PyTorch Lightning fine-tuning of BERT-style transformers."""
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import MemoryMonitor
 from lightning_memopt.pruning import PruningScheduler
 from lightning_memopt.tasks import (
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AtomicCheckpointIO",
     "EntityF1",
+    "KnowledgeDistillation",
     "MemoryMonitor",
     "PruningScheduler",
     "SequenceClassificationDataModule",

@@ -1,0 +1,181 @@
+"""KnowledgeDistillation on real modules: the hand-computed loss, a teacher kept out of everything, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CONLL_LABELS, fit_tiny_ner, load_example, quiet_trainer
+from lightning.pytorch import Callback
+from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
+
+from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule, TokenClassificationModule
+from lightning_memopt.distillation import student_from_teacher
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_teacher(tiny_bert_dir: Path, folder: Path, labels: list[str] = CONLL_LABELS, **config: Any) -> Path:
+    """A random tiny BertForTokenClassification with the student's tokenizer, saved to ``folder``."""
+    torch.manual_seed(1)
+    options = {"vocab_size": 30522, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2}
+    options.update(intermediate_size=96, id2label=dict(enumerate(labels)), **config)
+    BertForTokenClassification(BertConfig(**options)).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tiny_bert_dir / name).exists():
+            shutil.copy(tiny_bert_dir / name, folder / name)
+    return folder
+
+
+class Recorder(Callback):
+    """Keeps the first batch, a copy of the student before its first step, and the step's output."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.batch = copy.deepcopy(batch)
+            self.student = copy.deepcopy(pl_module.model)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.loss = float(outputs["loss"])
+            self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_loss_is_the_hand_computed_mix_of_ce_and_soft_target_kl(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")
+    alpha, temperature = 0.3, 2.0
+    kd = KnowledgeDistillation(teacher=str(teacher_dir), alpha=alpha, temperature=temperature)
+    recorder = Recorder()
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0  # so the hand computation sees the same student logits
+    data = TokenClassificationDataModule(train_file=str(conll_small["train"]), batch_size=8)
+    quiet_trainer(max_steps=1, enable_checkpointing=False, callbacks=[recorder, kd]).fit(module, datamodule=data)
+
+    batch = recorder.batch
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    teacher = AutoModelForTokenClassification.from_pretrained(teacher_dir).eval()
+    with torch.no_grad():
+        student_logits = recorder.student.train()(**inputs).logits
+        teacher_logits = teacher(**inputs).logits
+    keep = batch["labels"] != -100
+    assert 0 < int(keep.sum()) < keep.numel()  # padding and continuation sub-tokens are left out
+    ce = F.cross_entropy(student_logits[keep], batch["labels"][keep])
+    p_teacher = torch.softmax(teacher_logits[keep] / temperature, -1)
+    log_p_student = torch.log_softmax(student_logits[keep] / temperature, -1)
+    kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1).mean() * temperature**2
+    assert recorder.logged["train_ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert recorder.logged["train_kd"] == pytest.approx(float(kl), rel=1e-5)
+    assert recorder.loss == pytest.approx(float((1 - alpha) * ce + alpha * kl), rel=1e-5)
+
+
+def test_teacher_stays_frozen_outside_optimizer_and_checkpoint_and_resume_works(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")
+    kd = KnowledgeDistillation(teacher=str(teacher_dir), teacher_precision="bf16")
+    module, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path / "run", [kd], 6, 3)
+    teacher = kd.teacher
+    assert teacher is not None and not teacher.training
+    assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in teacher.parameters())
+    reference = AutoModelForTokenClassification.from_pretrained(teacher_dir)
+    for (name, value), (_, original) in zip(teacher.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(value.float(), original.to(torch.bfloat16).float()), name
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert "training_step" not in module.__dict__  # the wrapper is gone after fit
+    checkpoint = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(module.state_dict())
+    assert not any("KnowledgeDistillation" in key for key in checkpoint["callbacks"])
+
+    resumed_kd = KnowledgeDistillation(teacher=str(teacher_dir))
+    _, resumed = fit_tiny_ner(
+        tiny_bert_dir, conll_small["train"], tmp_path / "run", [resumed_kd], 9, 3, str(tmp_path / "run" / "last.ckpt")
+    )
+    assert resumed.global_step == 9 and "train_kd" in resumed.callback_metrics
+
+
+def test_works_with_the_plain_example_project_and_tuple_batches(
+    tiny_bert_dir: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    from transformers import BertForSequenceClassification
+
+    sentiment = load_example()
+    teacher = BertForSequenceClassification(
+        BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
+    data = sentiment.SST2Tuples(train_file=str(shared_data / "sst2/train.tsv.gz"), max_train_rows=64, batch_size=16)
+    kd = KnowledgeDistillation(
+        teacher=teacher,
+        alpha=0.7,
+        batch_to_teacher_inputs=lambda batch: {"input_ids": batch[0], "attention_mask": batch[1]},
+    )
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=False, callbacks=[kd])
+    with pytest.warns(UserWarning, match="could not compare the teacher's and the student's tokenizers"):
+        trainer.fit(model, datamodule=data)
+    assert float(trainer.callback_metrics["train_kd"]) > 0
+
+
+def test_bad_input_fails_before_training(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), alpha=1.5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        KnowledgeDistillation(teacher=torch.nn.Linear(2, 2), temperature=0)
+    with pytest.raises(FileNotFoundError, match=r"teacher 'runs/missing\.ckpt' does not exist"):
+        KnowledgeDistillation(teacher="runs/missing.ckpt")
+
+    def fails(teacher_dir: Path, match: str, **options: Any) -> None:
+        with pytest.raises(ValueError, match=match):
+            fit_tiny_ner(
+                tiny_bert_dir,
+                conll_small["train"],
+                tmp_path / "x",
+                [KnowledgeDistillation(str(teacher_dir), **options)],
+                2,
+                10,
+            )
+
+    fails(make_teacher(tiny_bert_dir, tmp_path / "t3", labels=["O", "B-PER", "I-PER"]), "teacher predicts 3 labels")
+    swapped = [CONLL_LABELS[0], CONLL_LABELS[2], CONLL_LABELS[1], *CONLL_LABELS[3:]]
+    fails(make_teacher(tiny_bert_dir, tmp_path / "order", labels=swapped), r"labels .* differ \(names or order\)")
+    fails(make_teacher(tiny_bert_dir, tmp_path / "vocab", vocab_size=1000), "vocabulary has 1000 tokens")
+    cased = make_teacher(tiny_bert_dir, tmp_path / "cased")
+    AutoTokenizer.from_pretrained(tiny_bert_dir, do_lower_case=False).save_pretrained(cased)
+    fails(cased, "tokenize the probe text differently")
+    fails(
+        make_teacher(tiny_bert_dir, tmp_path / "ok"),
+        "student_module='decoder' is not a submodule",
+        student_module="decoder",
+    )
+
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy yet.*ModelParallelStrategy"):
+        KnowledgeDistillation(torch.nn.Linear(2, 2)).setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
+
+
+def test_student_from_teacher_keeps_chosen_layers_and_refuses_bad_ones(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    teacher = AutoModelForTokenClassification.from_pretrained(make_teacher(tiny_bert_dir, tmp_path / "t"))
+    student = student_from_teacher(teacher, [1])
+    assert student.config.num_hidden_layers == 1
+    for (name, value), (_, original) in zip(
+        student.bert.encoder.layer[0].state_dict().items(),
+        teacher.bert.encoder.layer[1].state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(value, original), name
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    with pytest.raises(ValueError, match=r"layers must be increasing indices of the teacher's 2 layers \(0..1\)"):
+        student_from_teacher(teacher, [0, 2])
