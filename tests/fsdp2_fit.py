@@ -1,7 +1,8 @@
-"""Run PruningScheduler under ModelParallelStrategy (FSDP2) on 2 CPU processes; each rank writes what it sees.
+"""Fit under ModelParallelStrategy (FSDP2) on 2 CPU processes with our callbacks; each rank writes what it sees.
 
-Launched by ``test_pruning_fsdp2.py`` as ``python fsdp2_pruning.py OUT_DIR TRAIN_FILE MODEL_DIR STRUCTURE
-[--interrupt STEP] [--ckpt_path PATH]``; Lightning starts the second rank by re-running this script.
+Launched by the FSDP2 tests as ``python fsdp2_fit.py OUT_DIR TRAIN_FILE MODEL_DIR STRUCTURE [--teacher DIR]
+[--interrupt STEP] [--ckpt_path PATH]`` (STRUCTURE ``none`` for no pruning); Lightning starts the second rank by
+re-running this script.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-from lightning_memopt import PruningScheduler, TokenClassificationDataModule, TokenClassificationModule
+from lightning_memopt import (
+    KnowledgeDistillation,
+    PruningScheduler,
+    TokenClassificationDataModule,
+    TokenClassificationModule,
+)
 from lightning_memopt.pruning.placement import full
 
 
@@ -47,6 +53,7 @@ def main() -> None:
         parser.add_argument(name)
     parser.add_argument("--interrupt", type=int, default=None)
     parser.add_argument("--ckpt_path", default=None)
+    parser.add_argument("--teacher", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     module = ShardedTokenClassifier(args.model_dir, labels=CONLL_LABELS, learning_rate=1e-3)
@@ -57,6 +64,9 @@ def main() -> None:
     callbacks = [ModelCheckpoint(dirpath=args.out_dir, save_top_k=0, save_last=True, every_n_train_steps=4)]
     if args.structure != "none":
         callbacks.append(pruning)
+    distillation = KnowledgeDistillation(args.teacher) if args.teacher else None
+    if distillation is not None:
+        callbacks.append(distillation)
     if args.interrupt is not None:
         callbacks.append(Interrupt(step=args.interrupt))
     trainer = Trainer(
@@ -74,13 +84,21 @@ def main() -> None:
     params = {name: full(param.detach()) for name, param in module.named_parameters()}
     record = {
         "rank": trainer.global_rank,
-        "sharded": all(type(w).__name__ == "DTensor" for w in pruning.weights.values()),
+        "sharded": all(type(p).__name__ == "DTensor" for p in module.parameters()),
         "sparsity": pruning.sparsity,
         "zeros": {name: float((w == 0).float().mean()) for name, w in weights.items()},
         "masks": digest(pruning.masks),
         "kept_units": {name: keep.tolist() for name, keep in pruning.kept_units.items()},
         "params": digest(params),
     }
+    if distillation is not None:
+        teacher = distillation.teacher
+        record["teacher"] = {
+            "sharded": any(type(p).__name__ == "DTensor" for p in teacher.parameters()),
+            "inside_module": any(m is teacher for m in module.modules()),
+            "digest": digest(dict(teacher.named_parameters())),
+            "train_kd": float(trainer.callback_metrics["train_kd"]),
+        }
     Path(args.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -179,3 +179,46 @@ def test_student_from_teacher_keeps_chosen_layers_and_refuses_bad_ones(tiny_bert
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
     with pytest.raises(ValueError, match=r"layers must be increasing indices of the teacher's 2 layers \(0..1\)"):
         student_from_teacher(teacher, [0, 2])
+
+
+def test_recipe_flow_teacher_student_then_ddp_distillation(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    """The three commands of recipes/distillation/ner.yaml, the last one on 2 DDP processes."""
+    import json
+
+    from conftest import PROJECT_ROOT
+    from test_cli import memopt, small_ner_args
+
+    # 4 steps: last.ckpt is written after the final validation, so it records the teacher's best val_f1.
+    memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4)], cwd=tmp_path)
+    teacher_ckpt = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"
+    teacher_mtime = teacher_ckpt.stat().st_mtime_ns
+    result = memopt(
+        ["student", f"--teacher={teacher_ckpt}", "--layers=[1]", "--output_dir=students/ner-l3"], cwd=tmp_path
+    )
+    assert "Student with teacher layers [1]" in result.stdout
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "students/ner-l3").config.num_hidden_layers == 1
+    args = [
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=4),
+        "--config",
+        str(PROJECT_ROOT / "recipes/distillation/ner.yaml"),
+        "--config",
+        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=param_digest.ParameterDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+    ]
+    result = memopt(args, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "KnowledgeDistillation: teacher BertForTokenClassification" in output
+    summary = output[output.index("KnowledgeDistillation: metric") :].splitlines()
+    assert any(line.split()[0] == "val_f1" and line.split()[2] != "-" for line in summary[1:4])  # teacher's score
+    assert any(line.split()[0] == "val_agreement" for line in summary[1:4])
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    assert len(records) == 2 and records[0]["digest"] == records[1]["digest"]
+    student_ckpt = torch.load(tmp_path / "runs/ner-conll2003-distilled/checkpoints/last.ckpt", weights_only=True)
+    assert student_ckpt["global_step"] == 4 and not any("teacher" in key for key in student_ckpt["state_dict"])
+    assert teacher_ckpt.stat().st_mtime_ns == teacher_mtime  # the teacher's run is left alone

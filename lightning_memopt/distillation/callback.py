@@ -7,7 +7,10 @@ How it reaches into a module that knows nothing of it:
 2. The module's ``training_step`` is wrapped on the instance: the original runs unchanged and returns
    its own loss ``L`` (for our task modules: cross entropy); the wrapper runs the teacher on the same
    batch and returns ``(1 - alpha) * L + alpha * T² * KL(teacher ‖ student)``, logging ``train_ce``
-   (= ``L``) and ``train_kd`` apart. The wrapper is removed when fit ends.
+   (= ``L``) and ``train_kd`` apart. ``validation_step`` is wrapped the same way to log ``val_kd`` and
+   ``val_agreement`` (how often student and teacher pick the same class) next to the module's own
+   metrics; when fit ends, the student's monitored metrics are printed beside the teacher's (as its
+   checkpoint recorded them). The wrappers are removed when fit ends.
 
 For token classification only positions with a label count (``labels != -100``). Batches that are not
 dicts of model inputs need ``batch_to_teacher_inputs`` (and ``batch_to_labels`` for token tasks);
@@ -99,9 +102,12 @@ class KnowledgeDistillation(Callback):
             LightningModule itself); ``None`` finds the first Hugging Face model with a task head.
         student_tokenizer: tokenizer to compare with the teacher's on a probe text; ``None`` uses the
             datamodule's ``tokenizer`` or the module's ``model_name_or_path`` when present.
-        batch_to_teacher_inputs: maps a batch to the teacher's keyword arguments (default: dict batches).
-        batch_to_labels: maps a batch to labels with ``-100`` at ignored positions, or ``None``.
-        outputs_to_logits: maps the student's and the teacher's outputs to logits.
+        batch_to_teacher_inputs: maps a batch to the teacher's keyword arguments; ``None``:
+            :func:`default_teacher_inputs` (the model-input keys of a dict batch).
+        batch_to_labels: maps a batch to labels with ``-100`` at ignored positions, or ``None``;
+            ``None``: :func:`default_labels` (``batch["labels"]``).
+        outputs_to_logits: maps the student's and the teacher's outputs to logits; ``None``:
+            :func:`default_logits` (``.logits``, a tensor, or the first element).
     """
 
     def __init__(
@@ -112,9 +118,9 @@ class KnowledgeDistillation(Callback):
         teacher_precision: Literal["32", "bf16", "16"] | None = None,
         student_module: str | None = None,
         student_tokenizer: str | None = None,
-        batch_to_teacher_inputs: Callable[[Any], dict[str, Tensor]] = default_teacher_inputs,
-        batch_to_labels: Callable[[Any], Tensor | None] = default_labels,
-        outputs_to_logits: Callable[[Any], Tensor] = default_logits,
+        batch_to_teacher_inputs: Callable[[Any], dict[str, Tensor]] | None = None,
+        batch_to_labels: Callable[[Any], Tensor | None] | None = None,
+        outputs_to_logits: Callable[[Any], Tensor] | None = None,
     ) -> None:
         check_alpha_temperature(alpha, temperature)
         check_teacher_source(teacher)
@@ -126,9 +132,9 @@ class KnowledgeDistillation(Callback):
         self.teacher_precision = teacher_precision
         self.student_module = student_module
         self.student_tokenizer = student_tokenizer
-        self.batch_to_teacher_inputs = batch_to_teacher_inputs
-        self.batch_to_labels = batch_to_labels
-        self.outputs_to_logits = outputs_to_logits
+        self.batch_to_teacher_inputs = batch_to_teacher_inputs or default_teacher_inputs
+        self.batch_to_labels = batch_to_labels or default_labels
+        self.outputs_to_logits = outputs_to_logits or default_logits
         self.teacher: nn.Module | None = None
         self._student_logits: Tensor | None = None
         self._hook: Any = None
@@ -160,15 +166,22 @@ class KnowledgeDistillation(Callback):
         self.teacher.to(pl_module.device)
         name, student = self._student(pl_module)
         self._hook = student.register_forward_hook(self._keep_logits)
-        original = pl_module.training_step
+        training, validation = pl_module.training_step, pl_module.validation_step
         callback = self
 
         def training_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
             callback._student_logits = None
-            output = original(batch, *args, **kwargs)
+            output = training(batch, *args, **kwargs)
             return callback._add_distillation(module, batch, output)
 
+        def validation_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
+            callback._student_logits = None
+            output = validation(batch, *args, **kwargs)
+            callback._log_validation(module, batch)
+            return output
+
         pl_module.training_step = types.MethodType(training_step, pl_module)  # type: ignore[method-assign]
+        pl_module.validation_step = types.MethodType(validation_step, pl_module)  # type: ignore[method-assign]
         rank_zero_info(
             f"KnowledgeDistillation: teacher {type(self.teacher).__name__} "
             f"({sum(p.numel() for p in self.teacher.parameters()):,} parameters, frozen) on the logits of "
@@ -178,13 +191,28 @@ class KnowledgeDistillation(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.teardown(trainer, pl_module, "fit")
+        rank_zero_info(self.summary(trainer))
+
+    def summary(self, trainer: Trainer) -> str:
+        """Student and teacher validation scores side by side (teacher: as its checkpoint recorded them)."""
+        teacher_scores = self._teacher_info.scores if self._teacher_info else {}
+        lines = ["KnowledgeDistillation: metric  student  teacher  retention"]
+        names = sorted(set(teacher_scores) | {k for k in ("val_kd", "val_agreement") if k in trainer.callback_metrics})
+        for name in names:
+            student = trainer.callback_metrics.get(name)
+            teacher = teacher_scores.get(name)
+            retention = f"{float(student) / teacher:.1%}" if student is not None and teacher else "-"
+            shown = [f"{float(v):.4f}" if v is not None else "-" for v in (student, teacher)]
+            lines.append(f"  {name}  {shown[0]}  {shown[1]}  {retention}")
+        return "\n".join(lines)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        pl_module.__dict__.pop("training_step", None)  # back to the class's own method
+        for name in ("training_step", "validation_step"):
+            pl_module.__dict__.pop(name, None)  # back to the class's own methods
 
     # -- the work ----------------------------------------------------------------------------
     def _student(self, pl_module: LightningModule) -> tuple[str, nn.Module]:
@@ -200,8 +228,28 @@ class KnowledgeDistillation(Callback):
             ) from None
 
     def _keep_logits(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if module.training:
-            self._student_logits = self.outputs_to_logits(output)
+        self._student_logits = self.outputs_to_logits(output)
+
+    def _teacher_logits_and_mask(self, batch: Any, student_logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        assert self.teacher is not None
+        with torch.no_grad():
+            teacher_logits = self.outputs_to_logits(self.teacher(**self.batch_to_teacher_inputs(batch)))
+        labels = self.batch_to_labels(batch)
+        mask = labels != IGNORE_INDEX if student_logits.dim() == 3 and labels is not None else None
+        return teacher_logits.to(student_logits.dtype), mask
+
+    def _log_validation(self, pl_module: LightningModule, batch: Any) -> None:
+        student_logits = self._student_logits
+        if student_logits is None:
+            return  # a validation step without a forward through the student: nothing to compare
+        teacher_logits, mask = self._teacher_logits_and_mask(batch, student_logits)
+        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask)
+        same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+        agreement = (same[mask] if mask is not None else same).float().mean()
+        options = {"batch_size": student_logits.shape[0], "sync_dist": True}
+        pl_module.log("val_kd", kd, **options)
+        pl_module.log("val_agreement", agreement, **options)
+        self._student_logits = None
 
     def _add_distillation(self, pl_module: LightningModule, batch: Any, output: Any) -> Any:
         loss = output["loss"] if isinstance(output, Mapping) else output
@@ -211,15 +259,9 @@ class KnowledgeDistillation(Callback):
                 "return the loss (or a dict with 'loss') after a forward through the student model "
                 "(set student_module= if the logits come from another submodule)."
             )
-        assert self.teacher is not None
-        with torch.no_grad():
-            teacher_logits = self.outputs_to_logits(self.teacher(**self.batch_to_teacher_inputs(batch)))
         student_logits = self._student_logits
-        labels = self.batch_to_labels(batch)
-        mask = None
-        if student_logits.dim() == 3 and labels is not None:
-            mask = labels != IGNORE_INDEX
-        kd = soft_target_kl(student_logits, teacher_logits.to(student_logits.dtype), self.temperature, mask)
+        teacher_logits, mask = self._teacher_logits_and_mask(batch, student_logits)
+        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask)
         total = (1 - self.alpha) * loss + self.alpha * kd
         batch_size = student_logits.shape[0]
         pl_module.log("train_ce", loss.detach(), batch_size=batch_size)

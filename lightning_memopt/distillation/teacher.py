@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,10 +33,21 @@ LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
 
 @dataclass
 class Teacher:
-    """A loaded teacher and where its tokenizer can be read from (``None`` if unknown)."""
+    """A loaded teacher, where its tokenizer can be read from, and the validation scores its checkpoint recorded."""
 
     model: nn.Module
     tokenizer_source: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def checkpoint_scores(path: Path) -> dict[str, float]:
+    """``{monitored metric: best score}`` from the ModelCheckpoint states saved in a Lightning checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    scores = {}
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_score") is not None:
+            scores[state["monitor"]] = float(state["best_model_score"])
+    return scores
 
 
 def _looks_like_path(source: str) -> bool:
@@ -66,7 +77,7 @@ def load_teacher(source: str | nn.Module) -> Teacher:
         from lightning_memopt.tasks.modules import load_task_checkpoint
 
         module = load_task_checkpoint(path)
-        return Teacher(module.model, resolve_pretrained(module.model_name_or_path))
+        return Teacher(module.model, resolve_pretrained(module.model_name_or_path), checkpoint_scores(path))
     if path.is_dir():
         return Teacher(_from_folder(str(path)), str(path))
     return Teacher(_from_folder(source), source)  # a hub name
@@ -97,9 +108,9 @@ def freeze(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def _num_layers(config: object) -> tuple[str, int]:
-    for field in ("num_hidden_layers", "n_layers"):
-        if hasattr(config, field):
-            return field, int(getattr(config, field))
+    for name in ("num_hidden_layers", "n_layers"):
+        if hasattr(config, name):
+            return name, int(getattr(config, name))
     raise ValueError(f"{type(config).__name__} has no num_hidden_layers/n_layers; cannot pick layers from it.")
 
 
@@ -112,14 +123,14 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module
     config = getattr(teacher, "config", None)
     if config is None:
         raise ValueError("student_from_teacher needs a Hugging Face model (with .config).")
-    field, total = _num_layers(config)
+    layers_field, total = _num_layers(config)
     chosen = list(layers)
     if not chosen or sorted(set(chosen)) != chosen or chosen[0] < 0 or chosen[-1] >= total:
         raise ValueError(
             f"layers must be increasing indices of the teacher's {total} layers (0..{total - 1}), got {chosen}."
         )
     student_config = copy.deepcopy(config)
-    setattr(student_config, field, len(chosen))
+    setattr(student_config, layers_field, len(chosen))
     student = type(teacher)(student_config)
     position = {old: new for new, old in enumerate(chosen)}
     state = {}

@@ -1,4 +1,4 @@
-"""PruningScheduler under ModelParallelStrategy (FSDP2 ``fully_shard``) on 2 CPU processes with gloo."""
+"""Our callbacks under ModelParallelStrategy (FSDP2 ``fully_shard``) on 2 CPU processes with gloo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, subprocess_env
 
-SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_pruning.py"
+SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_fit.py"
 
 
 def launch(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[dict]:
@@ -42,3 +42,18 @@ def test_masks_on_sharded_weights_are_exact_identical_on_both_ranks_and_resume(
     for record in resumed:
         assert record["sparsity"] == 0.5
         assert record["masks"] == straight[0]["masks"] and record["kept_units"] == straight[0]["kept_units"]
+
+
+def test_distillation_teacher_is_a_full_replica_outside_the_sharded_student(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    from test_distillation_callback import make_teacher
+
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")
+    ranks = launch(tmp_path / "kd", conll_small, tiny_bert_dir, "none", "--teacher", str(teacher_dir))
+    for record in ranks:
+        assert record["sharded"]  # the student is sharded by fully_shard ...
+        assert not record["teacher"]["sharded"] and not record["teacher"]["inside_module"]  # ... the teacher is not
+        assert record["teacher"]["train_kd"] > 0
+    assert ranks[0]["teacher"]["digest"] == ranks[1]["teacher"]["digest"]
+    assert ranks[0]["params"] == ranks[1]["params"]

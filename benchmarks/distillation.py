@@ -1,0 +1,259 @@
+"""KnowledgeDistillation benchmark: a 3-layer student with and without distillation, and the hook's overhead.
+
+Teacher: the offline MiniLM-L6 fine-tuned by the task's recipe (``--teacher CKPT``, or trained here with
+the same step budget). Student: the teacher's embeddings, head and layers 0, 2, 4
+(``student_from_teacher``), trained with the task's recipe and the same budget, once with cross entropy
+alone and once with ``KnowledgeDistillation`` (alpha 0.5, T 2). Retention = student score / teacher score.
+
+Overhead: seconds per training step (whole loop iteration) of the student alone, of the student with
+the callback, and of the teacher's forward pass alone on the same batches, in one process;
+the hook's overhead beyond the teacher's forward is ``(with callback - teacher forward) / alone``.
+
+    python benchmarks/distillation.py                                   # quick: 40 steps, both tasks
+    python benchmarks/distillation.py --steps 600 --tasks ner --teacher /path/to/ner/last.ckpt
+
+Results: ``benchmarks/results/distillation-<steps>.json`` and ``docs/results/distillation-<steps>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROJECT_ROOT, TASKS, fit_recipe, machine, step_budget, today
+
+CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+LAYERS = [0, 2, 4]
+ALPHA, TEMPERATURE = 0.5, 2.0
+
+
+def run_variant(task: str, variant: str, workdir: Path, steps: int, teacher: str | None) -> dict:
+    """Train the teacher, or the student with or without distillation (runs in a child process)."""
+    from lightning_memopt import KnowledgeDistillation
+
+    budget = step_budget(steps)
+    if variant == "teacher":
+        return fit_recipe(task, workdir / task / "teacher", budget)[1]
+    assert teacher is not None
+    budget.append(f"--model.model_name_or_path={workdir / task / 'student-init'}")
+    callbacks = (
+        [KnowledgeDistillation(teacher, alpha=ALPHA, temperature=TEMPERATURE)] if variant == "student+kd" else []
+    )
+    return fit_recipe(task, workdir / task / variant, budget, callbacks)[1]
+
+
+def make_student(teacher_ckpt: str, folder: Path) -> dict[str, int]:
+    """Write the 3-layer student made from the teacher's layers; return both parameter counts."""
+    from transformers import AutoTokenizer
+
+    from lightning_memopt.distillation import load_teacher, student_from_teacher
+
+    teacher = load_teacher(teacher_ckpt)
+    student = student_from_teacher(teacher.model, LAYERS)
+    student.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher.tokenizer_source).save_pretrained(folder)
+    return {
+        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+    }
+
+
+def teacher_score(task: str, teacher_ckpt: str) -> float:
+    """The teacher's validation score, measured here with the task's recipe."""
+    from lightning_memopt.cli import run_cli
+
+    args = ["validate"]
+    for config in TASKS[task]["configs"]:
+        args += ["--config", str(PROJECT_ROOT / config)]
+    args += ["--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--ckpt_path={teacher_ckpt}"]
+    cli = run_cli(args)
+    return round(float(cli.trainer.callback_metrics[TASKS[task]["metric"]]), 4)
+
+
+class LoopTimer(Callback):
+    """Seconds between consecutive training-batch starts after a warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.last = warmup, None
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None and batch_idx > self.warmup:
+            self.times.append(now - self.last)
+        self.last = now
+
+
+def overhead(workdir: Path, teacher_ckpt: str, steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, Any]:
+    """Per-step seconds of the NER student alone, with the callback, and of the teacher's forward alone."""
+    from lightning.pytorch import Trainer
+
+    from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule, TokenClassificationModule
+    from lightning_memopt.distillation import load_teacher
+
+    train_file = PROJECT_ROOT.parent / "shared" / "data" / "conll2003" / "train.txt.gz"
+    student_dir = str(workdir / "ner" / "student-init")
+    batches: list[dict] = []
+
+    def one_run(with_kd: bool) -> float:
+        torch.manual_seed(0)
+        module = TokenClassificationModule(student_dir, labels=CONLL_LABELS, learning_rate=1e-4)
+        data = TokenClassificationDataModule(train_file=str(train_file), batch_size=32)
+        timer = LoopTimer(warmup)
+        callbacks: list[Callback] = [timer] + ([KnowledgeDistillation(teacher_ckpt)] if with_kd else [])
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=steps + warmup + 1,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(module, datamodule=data)
+        if not batches:
+            loader = iter(data.train_dataloader())
+            batches.extend(next(loader) for _ in range(steps))
+        return statistics.median(timer.times)
+
+    def teacher_forward() -> float:
+        teacher = load_teacher(teacher_ckpt).model.eval()
+        times = []
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                started = time.perf_counter()
+                teacher(**inputs)
+                times.append(time.perf_counter() - started)
+        return statistics.median(times[warmup:] or times)
+
+    seconds: dict[str, list[float]] = {"student": [], "student+kd": [], "teacher forward": []}
+    for _ in range(repeats):
+        seconds["student"].append(one_run(False))
+        seconds["student+kd"].append(one_run(True))
+        seconds["teacher forward"].append(teacher_forward())
+        print("overhead:", {k: round(v[-1], 4) for k, v in seconds.items()}, flush=True)
+    best = {kind: min(values) for kind, values in seconds.items()}
+    hook = best["student+kd"] - best["teacher forward"] - best["student"]
+    return {
+        "seconds_per_step": {k: round(v, 4) for k, v in best.items()},
+        "hook_overhead_ratio": round(hook / best["student"], 3),
+        "with_callback_ratio": round(best["student+kd"] / best["student"], 3),
+        "steps_timed": steps,
+        "repeats": repeats,
+    }
+
+
+def write_report(payload: dict, steps: int) -> Path:
+    lines = [
+        f"# KnowledgeDistillation benchmark ({steps} optimizer steps per run)",
+        "",
+        f"- Command: `{payload['command']}`",
+        f"- Machine: {payload['machine']}",
+        f"- Date: {payload['date']}",
+        f"- Teacher: all-MiniLM-L6-v2 fine-tuned by the task recipe; student: its embeddings, head and layers "
+        f"{LAYERS}; distillation alpha {ALPHA}, temperature {TEMPERATURE}; every run has the same budget and recipe.",
+        "",
+    ]
+    for task, result in payload.get("tasks", {}).items():
+        metric = TASKS[task]["metric"]
+        teacher = result["teacher_score"]
+        lines += [
+            f"## {TASKS[task]['title']}",
+            "",
+            f"| model | parameters | {metric} | retention of teacher |",
+            "|---|---|---|---|",
+            f"| teacher (6 layers) | {result['teacher_params']:,} | {teacher:.4f} | 100 % |",
+        ]
+        for variant in ("student", "student+kd"):
+            score = result[variant]["final"]
+            lines.append(
+                f"| {variant} (3 layers) | {result['student_params']:,} | {score:.4f} | {100 * score / teacher:.1f} % |"
+            )
+        lines.append("")
+    if "overhead" in payload:
+        o = payload["overhead"]
+        lines += [
+            "## Step time (CoNLL-2003, batch 32, one process)",
+            "",
+            "| what | s/step |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in o["seconds_per_step"].items()),
+            "",
+            f"With the callback a step takes {o['with_callback_ratio']:.3f}x the student's; the hook's overhead beyond "
+            f"the teacher's forward pass is {o['hook_overhead_ratio']:+.3f}x of a student step (best of "
+            f"{o['repeats']} runs each, median over {o['steps_timed']} steps).",
+            "",
+        ]
+    path = PROJECT_ROOT / "docs" / "results" / f"distillation-{steps}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--teacher", nargs="*", default=[], help="TASK=CKPT: reuse a fine-tuned teacher")
+    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
+    parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    parser.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-distillation-"))
+    if args._child:
+        task, variant, teacher = args._child
+        result = run_variant(task, variant, workdir, args.steps, None if teacher == "-" else teacher)
+        (workdir / task / variant).mkdir(parents=True, exist_ok=True)
+        (workdir / task / variant / "result.json").write_text(json.dumps(result))
+        return
+    teachers = dict(item.split("=", 1) for item in args.teacher)
+    payload: dict[str, Any] = {
+        "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "date": today(),
+        "tasks": {},
+    }
+
+    def child(task: str, variant: str, teacher: str) -> dict:
+        print(f"== {task} / {variant}", flush=True)
+        command = [sys.executable, __file__, "--_child", task, variant, teacher, "--workdir", str(workdir)]
+        subprocess.run([*command, "--steps", str(args.steps)], check=True, cwd=PROJECT_ROOT)
+        result = json.loads((workdir / task / variant / "result.json").read_text())
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
+        return result
+
+    for task in args.tasks:
+        if task not in teachers:
+            child(task, "teacher", "-")
+            teachers[task] = str(workdir / task / "teacher" / "checkpoints" / "last.ckpt")
+        if "accuracy" not in args.parts:
+            make_student(teachers[task], workdir / task / "student-init")
+            continue
+        result = {**make_student(teachers[task], workdir / task / "student-init")}
+        result["teacher_score"] = teacher_score(task, teachers[task])
+        for variant in ("student", "student+kd"):
+            result[variant] = child(task, variant, teachers[task])
+        payload["tasks"][task] = result
+    if "overhead" in args.parts and "ner" in teachers:
+        payload["overhead"] = overhead(workdir, teachers["ner"])
+    out = PROJECT_ROOT / "benchmarks" / "results" / f"distillation-{args.steps}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"Report: {write_report(payload, args.steps)}")
+
+
+if __name__ == "__main__":
+    main()
