@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONLL_LABELS, fit_tiny_ner, load_example, quiet_trainer
+from conftest import CONLL_LABELS, Interrupt, fit_tiny_ner, load_example, quiet_trainer
 from lightning.pytorch import Callback
 from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
 
@@ -157,8 +158,6 @@ def test_bad_input_fails_before_training(tiny_bert_dir: Path, conll_small: dict[
         student_module="decoder",
     )
 
-    from types import SimpleNamespace
-
     from lightning.pytorch.strategies import FSDPStrategy
 
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
@@ -222,3 +221,49 @@ def test_recipe_flow_teacher_student_then_ddp_distillation(
     student_ckpt = torch.load(tmp_path / "runs/ner-conll2003-distilled/checkpoints/last.ckpt", weights_only=True)
     assert student_ckpt["global_step"] == 4 and not any("teacher" in key for key in student_ckpt["state_dict"])
     assert teacher_ckpt.stat().st_mtime_ns == teacher_mtime  # the teacher's run is left alone
+
+
+def test_intermediate_layers_train_a_projection_that_resumes_exactly_and_stays_out_of_the_student(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")  # width 48 vs the student's 32
+
+    def distillation() -> KnowledgeDistillation:
+        options = {"hidden_layers": {1: 1, 2: 2}, "hidden_weight": 1.0, "attention_layers": {0: 0, 1: 1}}
+        return KnowledgeDistillation(str(teacher_dir), alpha=0.9, alpha_end=0.1, attention_weight=0.5, **options)
+
+    kd = distillation()
+    module, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path / "straight", [kd], 6, 2)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["train_hidden"] > 0 and metrics["train_attention"] > 0
+    assert metrics["kd_alpha"] == pytest.approx(0.9 + (0.1 - 0.9) * 5 / 6)  # the 6th step is global step 5
+    projection = kd.layers.projections["1"]
+    assert projection.weight.shape == (48, 32)
+    groups = trainer.optimizers[0].param_groups
+    assert any(projection.weight is p for p in groups[-1]["params"])
+    assert groups[-1]["initial_lr"] == groups[0]["initial_lr"] > 0 and groups[-1]["lr"] == groups[0]["lr"]
+    assert module.model.config.output_hidden_states is False and module.model.config._attn_implementation == "sdpa"
+    checkpoint = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    assert not any("projection" in key for key in checkpoint["state_dict"])
+    saved = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("KnowledgeDistillation"))
+    assert torch.equal(saved["projections"]["projections.1.weight"], projection.weight.detach())
+
+    with pytest.raises(SystemExit):
+        fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path / "resumed", [distillation(), Interrupt(3)], 6, 2)
+    resumed = distillation()
+    again, _ = fit_tiny_ner(
+        tiny_bert_dir, conll_small["train"], tmp_path / "resumed", [resumed], 6, 2, str(tmp_path / "resumed/last.ckpt")
+    )
+    assert torch.equal(resumed.layers.projections["1"].weight, projection.weight)  # restored at step 2, same end
+    for (name, a), (_, b) in zip(module.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_layer_maps_are_checked_against_both_models(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="hidden_weight > 0 needs hidden_layers"):
+        KnowledgeDistillation(torch.nn.Linear(2, 2), hidden_weight=1.0)
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")
+    module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
+    kd = KnowledgeDistillation(str(teacher_dir), hidden_layers={3: 1}, hidden_weight=1.0)
+    with pytest.raises(ValueError, match=r"hidden_layers maps 3 -> 1, but the student has indices 0..2"):
+        kd.setup(SimpleNamespace(strategy=None, datamodule=None), module, "fit")

@@ -12,6 +12,12 @@ How it reaches into a module that knows nothing of it:
    metrics; when fit ends, the student's monitored metrics are printed beside the teacher's (as its
    checkpoint recorded them). The wrappers are removed when fit ends.
 
+Optional intermediate-layer transfer (hidden-state MSE through learned projections, attention KL,
+see :mod:`.intermediate`) adds ``hidden_weight * hidden + attention_weight * attention``; the student
+and the teacher then return hidden states (and attention maps, computed with eager attention) during
+fit, and their configs are restored afterwards. ``alpha`` and ``temperature`` can move linearly to
+``alpha_end`` / ``temperature_end`` over the run.
+
 For token classification only positions with a label count (``labels != -100``). Batches that are not
 dicts of model inputs need ``batch_to_teacher_inputs`` (and ``batch_to_labels`` for token tasks);
 outputs without ``.logits`` need ``outputs_to_logits``.
@@ -37,11 +43,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_memopt.distillation.checks import check_labels, check_tokenizers, check_vocabulary
+from lightning_memopt.distillation.intermediate import LayerTransfer
 from lightning_memopt.distillation.losses import IGNORE_INDEX, check_alpha_temperature, soft_target_kl
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-PROBE_TEXT = "Distillation probe: EU rejects German call to boycott British lamb, says Müller (1996)."
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
@@ -83,11 +90,62 @@ def find_student_model(pl_module: LightningModule) -> tuple[str, nn.Module]:
     return "", pl_module
 
 
-def _label_names(config: Any) -> list[str] | None:
-    """Label names from a HF config, or ``None`` when they are the generated ``LABEL_i`` defaults."""
-    id2label = getattr(config, "id2label", None) or {}
-    names = [id2label[i] for i in sorted(id2label)]
-    return None if all(name == f"LABEL_{i}" for i, name in enumerate(names)) else names
+def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
+    """``start`` moved linearly to ``end`` over ``total_steps`` (``start`` throughout when ``end`` is None).
+
+    >>> linear_schedule(0.9, 0.1, step=50, total_steps=100)
+    0.5
+    """
+    if end is None or total_steps <= 0:
+        return start
+    return start + (end - start) * min(step, total_steps) / total_steps
+
+
+def _optimizers_and_schedulers(configured: Any) -> tuple[list[Any], list[Any]]:
+    """Optimizers and LR schedulers in whatever ``configure_optimizers`` returned (object, dict, list, tuple)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured], []
+    if isinstance(configured, torch.optim.lr_scheduler.LRScheduler):
+        return [], [configured]
+    if isinstance(configured, Mapping):
+        optimizers, schedulers = _optimizers_and_schedulers(configured.get("optimizer"))
+        scheduler = configured.get("lr_scheduler")
+        scheduler = scheduler.get("scheduler") if isinstance(scheduler, Mapping) else scheduler
+        return optimizers, schedulers + _optimizers_and_schedulers(scheduler)[1]
+    if isinstance(configured, (list, tuple)):
+        found: tuple[list[Any], list[Any]] = ([], [])
+        for item in configured:
+            optimizers, schedulers = _optimizers_and_schedulers(item)
+            found[0].extend(optimizers)
+            found[1].extend(schedulers)
+        return found
+    return [], []
+
+
+def add_param_group(configured: Any, params: list[nn.Parameter]) -> None:
+    """Add ``params`` (no weight decay) to the first optimizer ``configure_optimizers`` returned.
+
+    Its LR schedulers are extended so the new group follows the first group's schedule (PyTorch's
+    schedulers keep one entry per group).
+    """
+    optimizers, schedulers = _optimizers_and_schedulers(configured)
+    if not optimizers:
+        raise ValueError("KnowledgeDistillation found no optimizer in configure_optimizers() for its projections.")
+    optimizer = optimizers[0]
+    first = optimizer.param_groups[0]
+    group = {"params": params, "weight_decay": 0.0, "lr": first.get("initial_lr", first["lr"])}
+    optimizer.add_param_group(group)
+    group = optimizer.param_groups[-1]
+    group["initial_lr"] = group["lr"]
+    group["lr"] = first["lr"]  # where the schedule stands now
+    for scheduler in schedulers:
+        if scheduler.optimizer is not optimizer:
+            continue
+        scheduler.base_lrs.append(group["initial_lr"])
+        scheduler._last_lr.append(group["lr"])
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if isinstance(lambdas, list):
+            lambdas.append(lambdas[0])
 
 
 class KnowledgeDistillation(Callback):
@@ -97,6 +155,11 @@ class KnowledgeDistillation(Callback):
         teacher: a ``.ckpt`` of our task modules, a model folder, a hub name, ``pypi:DIST``, or an ``nn.Module``.
         alpha: weight of the distillation term, in [0, 1]; the module's own loss gets ``1 - alpha``.
         temperature: softmax temperature T > 0; the KL term is scaled by T².
+        alpha_end / temperature_end: values reached linearly at the end of the run (``None``: constant).
+        hidden_layers / hidden_weight: ``{student hidden-state index: teacher index}`` and the weight of
+            their MSE (0 = off); a projection is learned when the widths differ.
+        attention_layers / attention_weight: ``{student layer: teacher layer}`` and the weight of their
+            attention-distribution KL (0 = off).
         teacher_precision: ``"32"``, ``"bf16"`` or ``"16"`` to cast the teacher; ``None`` keeps its dtype.
         student_module: name of the submodule whose output holds the student's logits (``""`` for the
             LightningModule itself); ``None`` finds the first Hugging Face model with a task head.
@@ -115,6 +178,12 @@ class KnowledgeDistillation(Callback):
         teacher: str | nn.Module,
         alpha: float = 0.5,
         temperature: float = 2.0,
+        alpha_end: float | None = None,
+        temperature_end: float | None = None,
+        hidden_layers: dict[int, int] | None = None,
+        hidden_weight: float = 0.0,
+        attention_layers: dict[int, int] | None = None,
+        attention_weight: float = 0.0,
         teacher_precision: Literal["32", "bf16", "16"] | None = None,
         student_module: str | None = None,
         student_tokenizer: str | None = None,
@@ -123,12 +192,14 @@ class KnowledgeDistillation(Callback):
         outputs_to_logits: Callable[[Any], Tensor] | None = None,
     ) -> None:
         check_alpha_temperature(alpha, temperature)
+        check_alpha_temperature(alpha if alpha_end is None else alpha_end, temperature_end or temperature)
         check_teacher_source(teacher)
         if teacher_precision is not None and teacher_precision not in DTYPES:
             raise ValueError(f"teacher_precision must be one of {sorted(DTYPES)} or None, got {teacher_precision!r}.")
         self.source = teacher
-        self.alpha = alpha
-        self.temperature = temperature
+        self.alpha, self.alpha_end = alpha, alpha_end
+        self.temperature, self.temperature_end = temperature, temperature_end
+        self.layers = LayerTransfer(hidden_layers, hidden_weight, attention_layers, attention_weight)
         self.teacher_precision = teacher_precision
         self.student_module = student_module
         self.student_tokenizer = student_tokenizer
@@ -136,9 +207,23 @@ class KnowledgeDistillation(Callback):
         self.batch_to_labels = batch_to_labels or default_labels
         self.outputs_to_logits = outputs_to_logits or default_logits
         self.teacher: nn.Module | None = None
-        self._student_logits: Tensor | None = None
-        self._hook: Any = None
         self._teacher_info: Teacher | None = None
+        self._student_output: Any = None
+        self._hook: Any = None
+        self._restore_config: dict[str, Any] = {}
+        self._total_steps = 0
+        self._saved_projections: dict[str, Tensor] | None = None
+
+    # -- state: only the learned projections (the teacher is never in a checkpoint) -------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"projections": self.layers.state_dict()} if len(self.layers.projections) else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_projections = state_dict.get("projections")
+        if self._saved_projections and len(self.layers.projections):
+            self.layers.load_state_dict(self._saved_projections)
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
@@ -156,26 +241,42 @@ class KnowledgeDistillation(Callback):
         dtype = DTYPES[self.teacher_precision] if self.teacher_precision else None
         self.teacher = freeze(self._teacher_info.model, dtype)
         _, student = self._student(pl_module)
-        self._check_labels(pl_module, student)
-        self._check_vocabulary(student)
+        teacher_config, student_config = getattr(self.teacher, "config", None), getattr(student, "config", None)
+        if teacher_config is not None and student_config is not None:
+            check_labels(teacher_config, student_config, getattr(pl_module, "labels", None))
+            check_vocabulary(teacher_config, student_config)
         self._check_tokenizers(trainer, pl_module)
+        if self.layers.active:
+            if teacher_config is None or student_config is None:
+                raise ValueError(
+                    "hidden_layers/attention_layers need Hugging Face models on both sides (with a config); "
+                    "set student_module= to the student's transformers model."
+                )
+            self.layers.bind(student_config, teacher_config)
+            if self._saved_projections:  # restored before setup created them
+                self.layers.load_state_dict(self._saved_projections)
+            self._wrap_configure_optimizers(pl_module)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.teacher is not None
         self.teacher.to(pl_module.device)
+        self.layers.to(pl_module.device)
+        self._total_steps = int(trainer.estimated_stepping_batches)
         name, student = self._student(pl_module)
-        self._hook = student.register_forward_hook(self._keep_logits)
+        if self.layers.active:
+            self._return_intermediates(student)
+        self._hook = student.register_forward_hook(self._keep_output)
         training, validation = pl_module.training_step, pl_module.validation_step
         callback = self
 
         def training_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
-            callback._student_logits = None
+            callback._student_output = None
             output = training(batch, *args, **kwargs)
             return callback._add_distillation(module, batch, output)
 
         def validation_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
-            callback._student_logits = None
+            callback._student_output = None
             output = validation(batch, *args, **kwargs)
             callback._log_validation(module, batch)
             return output
@@ -185,13 +286,41 @@ class KnowledgeDistillation(Callback):
         rank_zero_info(
             f"KnowledgeDistillation: teacher {type(self.teacher).__name__} "
             f"({sum(p.numel() for p in self.teacher.parameters()):,} parameters, frozen) on the logits of "
-            f"{name or type(pl_module).__name__}; alpha {self.alpha}, temperature {self.temperature}."
+            f"{name or type(pl_module).__name__}; alpha {self.alpha}, temperature {self.temperature}"
+            + (f", hidden layers {self.layers.hidden_layers}" if self.layers.hidden_layers else "")
+            + (f", attention layers {self.layers.attention_layers}" if self.layers.attention_layers else "")
+            + "."
         )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.world_size > 1:  # the projections are not inside DDP's wrapper: average their gradients here
+            for param in self.layers.parameters():
+                if param.grad is not None:
+                    param.grad = trainer.strategy.reduce(param.grad, reduce_op="mean")
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.teardown(trainer, pl_module, "fit")
         rank_zero_info(self.summary(trainer))
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for name in ("training_step", "validation_step", "configure_optimizers"):
+            pl_module.__dict__.pop(name, None)  # back to the class's own methods
+        if self._restore_config:
+            _, student = self._student(pl_module)
+            attn = self._restore_config.pop("attn", None)
+            for key, value in self._restore_config.items():
+                setattr(student.config, key, value)
+            if attn is not None:
+                student.set_attn_implementation(attn)
+            self._restore_config = {}
 
     def summary(self, trainer: Trainer) -> str:
         """Student and teacher validation scores side by side (teacher: as its checkpoint recorded them)."""
@@ -206,14 +335,6 @@ class KnowledgeDistillation(Callback):
             lines.append(f"  {name}  {shown[0]}  {shown[1]}  {retention}")
         return "\n".join(lines)
 
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        for name in ("training_step", "validation_step"):
-            pl_module.__dict__.pop(name, None)  # back to the class's own methods
-
     # -- the work ----------------------------------------------------------------------------
     def _student(self, pl_module: LightningModule) -> tuple[str, nn.Module]:
         if self.student_module is None:
@@ -227,79 +348,99 @@ class KnowledgeDistillation(Callback):
                 f"its children are {names}."
             ) from None
 
-    def _keep_logits(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self._student_logits = self.outputs_to_logits(output)
+    def _wrap_configure_optimizers(self, pl_module: LightningModule) -> None:
+        """Add the learned projections to the module's optimizer as one more parameter group."""
+        configure = pl_module.configure_optimizers
+        projections = self.layers
 
-    def _teacher_logits_and_mask(self, batch: Any, student_logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        def configure_optimizers(module: LightningModule) -> Any:
+            configured = configure()
+            if len(projections.projections):
+                add_param_group(configured, list(projections.parameters()))
+            return configured
+
+        pl_module.configure_optimizers = types.MethodType(configure_optimizers, pl_module)  # type: ignore[method-assign]
+
+    def _return_intermediates(self, student: nn.Module) -> None:
+        """Make the student and the teacher return hidden states / attention maps during fit."""
         assert self.teacher is not None
+        config = student.config
+        self._restore_config = {"output_hidden_states": config.output_hidden_states}
+        if self.layers.hidden_layers:
+            config.output_hidden_states = True
+        if self.layers.attention_layers:
+            self._restore_config.update(output_attentions=config.output_attentions, attn=config._attn_implementation)
+            student.set_attn_implementation("eager")  # SDPA does not return attention maps
+            config.output_attentions = True
+            self.teacher.set_attn_implementation("eager")
+
+    def _keep_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._student_output = output
+
+    def _teacher_output(self, batch: Any) -> tuple[Any, dict[str, Tensor]]:
+        assert self.teacher is not None
+        inputs = self.batch_to_teacher_inputs(batch)
+        extra = {}
+        if self.layers.hidden_layers:
+            extra["output_hidden_states"] = True
+        if self.layers.attention_layers:
+            extra["output_attentions"] = True
         with torch.no_grad():
-            teacher_logits = self.outputs_to_logits(self.teacher(**self.batch_to_teacher_inputs(batch)))
+            return self.teacher(**inputs, **extra), inputs
+
+    def _label_mask(self, batch: Any, student_logits: Tensor) -> Tensor | None:
         labels = self.batch_to_labels(batch)
-        mask = labels != IGNORE_INDEX if student_logits.dim() == 3 and labels is not None else None
-        return teacher_logits.to(student_logits.dtype), mask
+        return labels != IGNORE_INDEX if student_logits.dim() == 3 and labels is not None else None
 
     def _log_validation(self, pl_module: LightningModule, batch: Any) -> None:
-        student_logits = self._student_logits
-        if student_logits is None:
+        if self._student_output is None:
             return  # a validation step without a forward through the student: nothing to compare
-        teacher_logits, mask = self._teacher_logits_and_mask(batch, student_logits)
+        student_logits = self.outputs_to_logits(self._student_output)
+        teacher_output, _ = self._teacher_output(batch)
+        teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
+        mask = self._label_mask(batch, student_logits)
         kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask)
         same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
         agreement = (same[mask] if mask is not None else same).float().mean()
         options = {"batch_size": student_logits.shape[0], "sync_dist": True}
         pl_module.log("val_kd", kd, **options)
         pl_module.log("val_agreement", agreement, **options)
-        self._student_logits = None
+        self._student_output = None
 
     def _add_distillation(self, pl_module: LightningModule, batch: Any, output: Any) -> Any:
         loss = output["loss"] if isinstance(output, Mapping) else output
-        if not isinstance(loss, Tensor) or self._student_logits is None:
+        if not isinstance(loss, Tensor) or self._student_output is None:
             raise RuntimeError(
                 "KnowledgeDistillation found no student loss or logits in this training step: training_step must "
                 "return the loss (or a dict with 'loss') after a forward through the student model "
                 "(set student_module= if the logits come from another submodule)."
             )
-        student_logits = self._student_logits
-        teacher_logits, mask = self._teacher_logits_and_mask(batch, student_logits)
-        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask)
-        total = (1 - self.alpha) * loss + self.alpha * kd
+        step = pl_module.trainer.global_step
+        alpha = linear_schedule(self.alpha, self.alpha_end, step, self._total_steps)
+        temperature = linear_schedule(self.temperature, self.temperature_end, step, self._total_steps)
+        student_logits = self.outputs_to_logits(self._student_output)
+        teacher_output, teacher_inputs = self._teacher_output(batch)
+        teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
+        kd = soft_target_kl(student_logits, teacher_logits, temperature, self._label_mask(batch, student_logits))
+        total = (1 - alpha) * loss + alpha * kd
         batch_size = student_logits.shape[0]
+        if self.layers.active:
+            attention_mask = teacher_inputs.get("attention_mask")
+            parts = self.layers(self._student_output, teacher_output, attention_mask)
+            total = total + self.layers.weighted(parts)
+            for name, value in parts.items():
+                pl_module.log(f"train_{name}", value.detach(), batch_size=batch_size)
         pl_module.log("train_ce", loss.detach(), batch_size=batch_size)
         pl_module.log("train_kd", kd.detach(), prog_bar=True, batch_size=batch_size)
-        self._student_logits = None
+        if self.alpha_end is not None or self.temperature_end is not None:
+            pl_module.log("kd_alpha", alpha, batch_size=batch_size)
+            pl_module.log("kd_temperature", temperature, batch_size=batch_size)
+        self._student_output = None
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
 
     # -- checks at setup ---------------------------------------------------------------------
-    def _check_labels(self, pl_module: LightningModule, student: nn.Module) -> None:
-        teacher_config = getattr(self.teacher, "config", None)
-        student_config = getattr(student, "config", None)
-        if teacher_config is None or student_config is None:
-            return  # checked on the first batch: the logits' shapes must agree
-        if teacher_config.num_labels != student_config.num_labels:
-            raise ValueError(
-                f"The teacher predicts {teacher_config.num_labels} labels and the student {student_config.num_labels}; "
-                "distill from a teacher fine-tuned on the same label set."
-            )
-        teacher_names, student_names = _label_names(teacher_config), _label_names(student_config)
-        student_names = list(getattr(pl_module, "labels", None) or student_names or []) or None
-        if teacher_names and student_names and teacher_names != student_names:
-            raise ValueError(
-                f"Teacher labels {teacher_names} and student labels {student_names} differ (names or order); "
-                "the soft targets would teach the wrong classes. Use the teacher's label list for the student."
-            )
-
-    def _check_vocabulary(self, student: nn.Module) -> None:
-        teacher_vocab = getattr(getattr(self.teacher, "config", None), "vocab_size", None)
-        student_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
-        if teacher_vocab and student_vocab and teacher_vocab != student_vocab:
-            raise ValueError(
-                f"The teacher's vocabulary has {teacher_vocab} tokens and the student's {student_vocab}: they "
-                "tokenize differently, so the teacher would see other inputs. Use a teacher and student that share "
-                "a tokenizer."
-            )
-
     def _check_tokenizers(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from transformers import AutoTokenizer
 
@@ -316,13 +457,4 @@ class KnowledgeDistillation(Callback):
                 "known for one of them); make sure they tokenize the same way (student_tokenizer=...)."
             )
             return
-        teacher_tokenizer = AutoTokenizer.from_pretrained(self._teacher_info.tokenizer_source)
-        teacher_ids = teacher_tokenizer(PROBE_TEXT)["input_ids"]
-        student_ids = student_tokenizer(PROBE_TEXT)["input_ids"]
-        if teacher_ids != student_ids:
-            raise ValueError(
-                "The teacher and the student tokenize the probe text differently "
-                f"({teacher_tokenizer.convert_ids_to_tokens(teacher_ids)[:12]} vs "
-                f"{student_tokenizer.convert_ids_to_tokens(student_ids)[:12]}); the teacher would see other inputs. "
-                "Use a teacher and student that share a tokenizer."
-            )
+        check_tokenizers(AutoTokenizer.from_pretrained(self._teacher_info.tokenizer_source), student_tokenizer)
