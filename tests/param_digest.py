@@ -9,12 +9,20 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
-def parameter_digest(module: LightningModule) -> str:
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 over the names and bytes of the tensors in a (possibly nested) state dict."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, value in sorted(tensors.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(value, dict):
+            digest.update(tensor_digest(value).encode())
+        elif hasattr(value, "detach"):
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def parameter_digest(module: LightningModule) -> str:
+    return tensor_digest(module.state_dict())
 
 
 class ParameterDigest(Callback):
@@ -29,5 +37,6 @@ class ParameterDigest(Callback):
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "digest": parameter_digest(pl_module),
+            "callbacks": {type(c).__name__: tensor_digest(c.state_dict()) for c in trainer.callbacks if c.state_dict()},
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -267,3 +267,32 @@ def test_layer_maps_are_checked_against_both_models(tiny_bert_dir: Path, tmp_pat
     kd = KnowledgeDistillation(str(teacher_dir), hidden_layers={3: 1}, hidden_weight=1.0)
     with pytest.raises(ValueError, match=r"hidden_layers maps 3 -> 1, but the student has indices 0..2"):
         kd.setup(SimpleNamespace(strategy=None, datamodule=None), module, "fit")
+
+
+def test_projections_stay_identical_across_ddp_ranks(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from conftest import PROJECT_ROOT
+    from test_cli import memopt, small_ner_args
+
+    teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")  # width 48: a projection is learned
+    args = [
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=3),
+        "--config",
+        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=lightning_memopt.KnowledgeDistillation",
+        f"--trainer.callbacks.teacher={teacher_dir}",
+        "--trainer.callbacks.hidden_layers={2: 2}",
+        "--trainer.callbacks.hidden_weight=1.0",
+        "--trainer.callbacks+=param_digest.ParameterDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+    ]
+    memopt(args, cwd=tmp_path)
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    assert len(records) == 2 and "KnowledgeDistillation" in records[0]["callbacks"]
+    assert records[0]["callbacks"] == records[1]["callbacks"] and records[0]["digest"] == records[1]["digest"]
