@@ -26,6 +26,19 @@ SST2 = [
 ]
 
 
+DDP_TWO_CPUS = ["--config", str(RECIPES / "strategies/ddp.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu"]
+
+
+def digest_args(out_dir: Path) -> list[str]:
+    """Flags adding the test-only ParameterDigest callback; put them last, after other callback flags."""
+    return ["--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={out_dir}"]
+
+
+def read_digests(out_dir: Path) -> list[dict]:
+    """The records ParameterDigest wrote, one per rank, in rank order."""
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+
+
 def small_ner_args(tiny_bert_dir: Path, conll_small: dict[str, Path], steps: int) -> list[str]:
     return [
         *NER,
@@ -125,16 +138,12 @@ def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Pa
     args = [
         "fit",
         *small_ner_args(tiny_bert_dir, conll_small, steps=4),
-        "--config",
-        str(RECIPES / "strategies/ddp.yaml"),
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=param_digest.ParameterDigest",
-        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+        *DDP_TWO_CPUS,
+        *digest_args(tmp_path / "digests"),
     ]
     result = memopt(args, cwd=tmp_path)
     assert "Final validation metrics (step 4)" in result.stdout
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    records = read_digests(tmp_path / "digests")
     assert [r["global_rank"] for r in records] == [0, 1]
     assert {r["world_size"] for r in records} == {2}
     assert records[0]["digest"] == records[1]["digest"]
@@ -168,8 +177,7 @@ def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Pat
         "--trainer.devices=1",
         "--trainer.num_nodes=2",
         "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=param_digest.ParameterDigest",
-        f"--trainer.callbacks.out_dir={digests}",
+        *digest_args(digests),
     ]
     launchers = []
     for node_rank in (0, 1):
@@ -196,7 +204,7 @@ def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Pat
     outputs = [launcher.communicate(timeout=400)[0] for launcher in launchers]
     for launcher, output in zip(launchers, outputs, strict=True):
         assert launcher.returncode == 0, output[-5000:]
-    records = [json.loads(p.read_text()) for p in sorted(digests.glob("rank*.json"))]
+    records = read_digests(digests)
     assert [(r["global_rank"], r["node_rank"]) for r in records] == [(0, 0), (1, 1)]
     assert {r["world_size"] for r in records} == {2}
     assert {r["global_step"] for r in records} == {4}

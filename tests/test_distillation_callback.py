@@ -184,10 +184,9 @@ def test_recipe_flow_teacher_student_then_ddp_distillation(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
     """The three commands of recipes/distillation/ner.yaml, the last one on 2 DDP processes."""
-    import json
 
     from conftest import PROJECT_ROOT
-    from test_cli import memopt, small_ner_args
+    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
 
     # 4 steps: last.ckpt is written after the final validation, so it records the teacher's best val_f1.
     memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4)], cwd=tmp_path)
@@ -203,12 +202,8 @@ def test_recipe_flow_teacher_student_then_ddp_distillation(
         *small_ner_args(tiny_bert_dir, conll_small, steps=4),
         "--config",
         str(PROJECT_ROOT / "recipes/distillation/ner.yaml"),
-        "--config",
-        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=param_digest.ParameterDigest",
-        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+        *DDP_TWO_CPUS,
+        *digest_args(tmp_path / "digests"),
     ]
     result = memopt(args, cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -216,7 +211,7 @@ def test_recipe_flow_teacher_student_then_ddp_distillation(
     summary = output[output.index("KnowledgeDistillation: metric") :].splitlines()
     assert any(line.split()[0] == "val_f1" and line.split()[2] != "-" for line in summary[1:4])  # teacher's score
     assert any(line.split()[0] == "val_agreement" for line in summary[1:4])
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    records = read_digests(tmp_path / "digests")
     assert len(records) == 2 and records[0]["digest"] == records[1]["digest"]
     student_ckpt = torch.load(tmp_path / "runs/ner-conll2003-distilled/checkpoints/last.ckpt", weights_only=True)
     assert student_ckpt["global_step"] == 4 and not any("teacher" in key for key in student_ckpt["state_dict"])
@@ -272,27 +267,21 @@ def test_layer_maps_are_checked_against_both_models(tiny_bert_dir: Path, tmp_pat
 def test_projections_stay_identical_across_ddp_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    import json
 
-    from conftest import PROJECT_ROOT
-    from test_cli import memopt, small_ner_args
+    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
 
     teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")  # width 48: a projection is learned
     args = [
         "fit",
         *small_ner_args(tiny_bert_dir, conll_small, steps=3),
-        "--config",
-        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
+        *DDP_TWO_CPUS,
         "--trainer.callbacks+=lightning_memopt.KnowledgeDistillation",
         f"--trainer.callbacks.teacher={teacher_dir}",
         "--trainer.callbacks.hidden_layers={2: 2}",
         "--trainer.callbacks.hidden_weight=1.0",
-        "--trainer.callbacks+=param_digest.ParameterDigest",
-        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+        *digest_args(tmp_path / "digests"),
     ]
     memopt(args, cwd=tmp_path)
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    records = read_digests(tmp_path / "digests")
     assert len(records) == 2 and "KnowledgeDistillation" in records[0]["callbacks"]
     assert records[0]["callbacks"] == records[1]["callbacks"] and records[0]["digest"] == records[1]["digest"]

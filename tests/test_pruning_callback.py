@@ -163,25 +163,20 @@ def test_works_with_the_plain_example_project(shared_data: Path, tmp_path: Path)
 def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    import json
 
-    from test_cli import memopt, small_ner_args
+    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
 
     args = [
         "fit",
         *small_ner_args(tiny_bert_dir, conll_small, steps=6),
-        "--config",
-        str(PROJECT_ROOT / "recipes/strategies/ddp.yaml"),
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
+        *DDP_TWO_CPUS,
         "--config",
         str(PROJECT_ROOT / "recipes/pruning/unstructured-80.yaml"),
-        "--trainer.callbacks+=param_digest.ParameterDigest",
-        f"--trainer.callbacks.out_dir={tmp_path / 'digests'}",
+        *digest_args(tmp_path / "digests"),
     ]
     result = memopt(args, cwd=tmp_path)
     assert "PruningScheduler: 12 weight matrices" in result.stdout + result.stderr
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "digests").glob("rank*.json"))]
+    records = read_digests(tmp_path / "digests")
     assert len(records) == 2 and records[0]["digest"] == records[1]["digest"]
     checkpoint = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("PruningScheduler"))
