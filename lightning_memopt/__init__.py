@@ -4,6 +4,7 @@ from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import MemoryMonitor
 from lightning_memopt.pruning import PruningScheduler
+from lightning_memopt.quantization import QuantizationAwareTraining
 from lightning_memopt.tasks import (
     EntityF1,
     SequenceClassificationDataModule,
@@ -21,6 +22,7 @@ __all__ = [
     "KnowledgeDistillation",
     "MemoryMonitor",
     "PruningScheduler",
+    "QuantizationAwareTraining",
     "SequenceClassificationDataModule",
     "SequenceClassificationModule",
     "TokenClassificationDataModule",

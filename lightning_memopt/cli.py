@@ -127,8 +127,19 @@ def export_command(argv: Sequence[str]) -> None:
         "transformers); pruned attention heads stay as zeros (remove them after loading with "
         "lightning_memopt.pruning.shrink_pruned(model, heads=True)).",
     )
+    parser.add_argument(
+        "--int8",
+        type=bool,
+        default=False,
+        help="Write an int8 model (model.int8.safetensors, read with lightning_memopt.quantization.load_int8) instead "
+        "of a float one: the layers and weight scales of a QuantizationAwareTraining run, or post-training dynamic "
+        "quantization of the encoder's Linear layers for a run without QAT.",
+    )
     args = parser.parse_args(list(argv))
     module = load_task_checkpoint(args.ckpt_path)
+    if args.int8:
+        export_int8(module, args.ckpt_path, args.output_dir)
+        return
     if args.shrink:
         report = shrink_pruned(module.model)
         print(
@@ -144,6 +155,31 @@ def export_command(argv: Sequence[str]) -> None:
             f"({report.ratio:.1%}); {len(report.packed)} pruned tensors packed. Read it with "
             "lightning_memopt.pruning.load_sparse."
         )
+
+
+def export_int8(module: Any, ckpt_path: str, output_dir: str) -> None:
+    """The ``--int8`` branch of ``memopt export``."""
+    import torch
+
+    from lightning_memopt.quantization.export import checkpoint_qat_state, convert_to_int8, save_int8
+    from lightning_memopt.tasks.sources import resolve_pretrained
+
+    state = checkpoint_qat_state(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
+    if state is None:
+        names = convert_to_int8(module.model)
+        how = "post-training dynamic quantization (no QAT state in the checkpoint)"
+    else:
+        prefix = "model."
+        layers = [name.removeprefix(prefix) for name in state["layers"]]
+        scales = {name.removeprefix(prefix): value for name, value in state["frozen_scales"].items()}
+        names = convert_to_int8(module.model, scales=scales, names=layers)
+        how = f"QAT layers{' with frozen weight scales' if scales else ''}"
+    report = save_int8(module.model, output_dir, resolve_pretrained(module.model_name_or_path))
+    print(
+        f"Exported int8 {type(module.model).__name__} to {output_dir}: {len(names)} Linear layers from {how}; "
+        f"their weights take {report.int8_weight_bytes / 2**20:.1f} MiB for {report.fp32_weight_bytes / 2**20:.1f} "
+        f"MiB in float32 ({report.ratio:.1%}). Load with lightning_memopt.quantization.load_int8."
+    )
 
 
 def student_command(argv: Sequence[str]) -> None:

@@ -187,3 +187,20 @@ def test_8bit_adamw_from_bitsandbytes(conll_small: dict[str, Path], tiny_bert_di
     assert float(trainer.callback_metrics["val_loss"]) < 10
     with pytest.raises(ValueError, match=r"--model\.optimizer='lion'"):
         TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, optimizer="lion")
+
+
+@pytest.mark.parametrize("task", ["ner", "sst2"])
+def test_fit_again_after_test_on_the_same_module(
+    task: str, conll_small: dict[str, Path], sst2_small: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Metric states reset under test's inference mode must not break the next fit's validation."""
+    if task == "ner":
+        module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
+        dm = TokenClassificationDataModule(train_file=str(conll_small["train"]), val_file=str(conll_small["val"]))
+    else:
+        module = SequenceClassificationModule(str(tiny_bert_dir), labels=["0", "1"], learning_rate=1e-3)
+        dm = SequenceClassificationDataModule(train_file=str(sst2_small["train"]), val_file=str(sst2_small["val"]))
+    fit(module, dm, tmp_path, steps=2)
+    quiet_trainer().test(module, datamodule=dm)
+    trainer = fit(module, dm, tmp_path, steps=2)
+    assert trainer.global_step == 2 and trainer.callback_metrics

@@ -251,8 +251,10 @@ class EntityF1(Metric):
         _check_ids(ids[keep], len(self.labels), "preds")
         _check_ids(target[keep], len(self.labels), "target")
         counts = count_entities(self._tags(ids, keep), self._tags(target, keep), self.types)
-        for state, count in zip((self.correct, self.predicted, self.gold), counts, strict=True):
-            state += torch.tensor(count, dtype=torch.long, device=state.device)
+        for name, count in zip(("correct", "predicted", "gold"), counts, strict=True):
+            state = getattr(self, name)
+            # Not in place: states reset under a test's inference mode must stay usable in a later fit.
+            setattr(self, name, state + torch.tensor(count, dtype=torch.long, device=state.device))
 
     def compute(self) -> dict[str, Tensor]:
         """Return ``precision``, ``recall``, ``f1`` (micro over all types) and ``f1_<TYPE>`` per type."""

@@ -1,0 +1,189 @@
+"""``QuantizationAwareTraining``: fine-tune any LightningModule with simulated int8, export real int8 explicitly.
+
+At ``setup`` (before the optimizer is built and before a checkpoint is restored) the selected
+``nn.Linear`` layers become :class:`~lightning_memopt.quantization.modules.FakeQuantLinear` in place:
+same parameters, same names, same checkpoint keys. They compute with weights and activations rounded
+exactly as the exported int8 kernel rounds them (see :mod:`.fake_quant`). Fake quantization starts at
+``start`` (full precision before) and the weight scales can be frozen at ``freeze_ranges``; that state
+is the callback's checkpoint state, so a resumed run continues with it.
+
+Nothing is converted when fit ends: the module stays a trainable float module, ``trainer.test(ckpt_path=...)``
+and a second ``fit`` work, and a QAT checkpoint loads into the unmodified module. The int8 model is made
+on request: ``memopt export --ckpt_path ... --output_dir ... --int8 true``, or in Python
+``convert_to_int8(model, scales=...)`` and ``save_int8(model, folder)``.
+
+Combined with ``PruningScheduler``, pruned weights stay zero: zero rounds to zero on a symmetric grid.
+
+Example:
+    >>> qat = QuantizationAwareTraining(start=0.1, freeze_ranges=0.9)
+    >>> trainer = Trainer(callbacks=[qat])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_memopt.pruning.selection import ModuleFilter, as_filter
+from lightning_memopt.quantization.modules import FakeQuantLinear, prepare
+
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def resolve_point(option: str, value: int | float | None, unit: str, steps: int, steps_per_epoch: int) -> int | None:
+    """An optimizer step from an int (steps or epochs, per ``unit``) or a float fraction of the run.
+
+    >>> resolve_point("start", 0.25, "steps", 400, 100), resolve_point("start", 2, "epochs", 400, 100)
+    (100, 200)
+    """
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{option}={value}: a float is a fraction of the run and must be in [0, 1].")
+        return round(value * steps)
+    if value < 0:
+        raise ValueError(f"{option}={value} must be >= 0.")
+    return value * steps_per_epoch if unit == "epochs" else value
+
+
+def check_selection(model: nn.Module, modules: Sequence[str] | ModuleFilter | None) -> None:
+    """Name patterns that pick layers QAT cannot quantize (only ``nn.Linear`` can) are an error."""
+    if modules is None or callable(modules):
+        return
+    patterns = [re.compile(p) for p in ([modules] if isinstance(modules, str) else modules)]
+    other = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if name and not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if any(p.search(name) for p in patterns)
+    ]
+    if other:
+        raise ValueError(
+            f"The modules filter selects layers QAT cannot quantize: {other[:5]}. Only nn.Linear layers become int8; "
+            "narrow the patterns to Linear layers (embeddings stay in float)."
+        )
+
+
+class QuantizationAwareTraining(Callback):
+    """Simulate the int8 CPU kernel in the selected Linear layers while fine-tuning.
+
+    Args:
+        modules: ``None`` for the encoder's Linear layers (not embeddings, pooler or classifier), a list of
+            regular expressions matched against module names (e.g. add ``"classifier"``), or a
+            ``(module, name) -> bool`` callable.
+        start: when fake quantization begins: optimizer steps (int, or epochs with ``unit="epochs"``) or a
+            fraction of the run (float). Full precision before.
+        freeze_ranges: when the weight scales stop following the weights (same units); ``None`` never.
+            Activation ranges are measured on every call, as the int8 kernel does, so they are not frozen.
+        unit: what integer ``start`` and ``freeze_ranges`` count: ``"steps"`` or ``"epochs"``.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str] | ModuleFilter | None = None,
+        start: int | float = 0,
+        freeze_ranges: int | float | None = None,
+        unit: Literal["steps", "epochs"] = "steps",
+    ) -> None:
+        if unit not in ("steps", "epochs"):
+            raise ValueError(f"unit must be 'steps' or 'epochs', got {unit!r}.")
+        for option, value in (("start", start), ("freeze_ranges", freeze_ranges)):
+            resolve_point(option, value, unit, 1, 1)  # range checks now, before any training
+        if freeze_ranges is not None and type(start) is type(freeze_ranges) and freeze_ranges < start:
+            raise ValueError(f"freeze_ranges={freeze_ranges} comes before start={start}; freeze after QAT starts.")
+        self.modules = modules
+        self.module_filter = as_filter(modules)
+        self.start, self.freeze_ranges, self.unit = start, freeze_ranges, unit
+        self.layers: dict[str, FakeQuantLinear] = {}
+        self.enabled = False
+        self.frozen_scales: dict[str, Tensor] = {}
+        self.start_step = 0
+        self.freeze_step: int | None = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": sorted(self.layers),
+            "enabled": self.enabled,
+            "frozen_scales": {name: scale.cpu() for name, scale in self.frozen_scales.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.enabled = bool(state_dict["enabled"])
+        self.frozen_scales = dict(state_dict.get("frozen_scales", {}))
+        self._restored_layers = list(state_dict.get("layers", []))
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(base.__name__ in UNSUPPORTED_STRATEGIES for base in type(trainer.strategy).__mro__):
+            raise ValueError(
+                f"QuantizationAwareTraining does not support {name}: sharded parameters cannot be fake-quantized per "
+                "output channel yet. Use --trainer.strategy ddp (or one device)."
+            )
+        check_selection(pl_module, self.modules)
+        names = prepare(pl_module, self.module_filter)
+        if not names:
+            linear = [n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)][:8]
+            raise ValueError(
+                f"The modules filter selects no Linear layer of {type(pl_module).__name__} (it has {linear}); "
+                "pass name patterns that match some of them."
+            )
+        self.layers = {n: pl_module.get_submodule(n) for n in names}
+        self._set(enabled=stage != "fit" or self.enabled)  # evaluation alone runs the quantized model
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        restored = getattr(self, "_restored_layers", None)
+        if restored is not None and restored != sorted(self.layers):
+            raise ValueError(
+                "The checkpoint was trained with QAT on other layers than the current `modules` filter selects: "
+                f"only in the checkpoint {sorted(set(restored) - set(self.layers))}, "
+                f"not in it {sorted(set(self.layers) - set(restored))}. Use the same filter to resume."
+            )
+        steps = int(trainer.estimated_stepping_batches)
+        per_epoch = 1
+        if self.unit == "epochs":
+            per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
+        self.start_step = resolve_point("start", self.start, self.unit, steps, per_epoch) or 0
+        self.freeze_step = resolve_point("freeze_ranges", self.freeze_ranges, self.unit, steps, per_epoch)
+        for option, step in (("start", self.start_step), ("freeze_ranges", self.freeze_step)):
+            if step is not None and step > steps:
+                raise ValueError(f"{option} resolves to step {step}, but the run has only {steps} optimizer steps.")
+        self._set(enabled=self.enabled)
+        rank_zero_info(
+            f"QuantizationAwareTraining: {len(self.layers)} Linear layers, int8 fake quantization from step "
+            f"{self.start_step}" + (f", weight scales frozen at step {self.freeze_step}." if self.freeze_step else ".")
+        )
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.enabled and step >= self.start_step:
+            self._set(enabled=True)
+        if self.freeze_step is not None and not self.frozen_scales and step >= self.freeze_step:
+            with torch.no_grad():  # weights are identical on every rank under DDP, so are these
+                self.frozen_scales = {name: layer.scales().clone() for name, layer in self.layers.items()}
+            self._set(enabled=self.enabled)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log("qat_enabled", float(self.enabled), on_step=True, on_epoch=False)
+
+    def _set(self, enabled: bool) -> None:
+        self.enabled = enabled
+        for name, layer in self.layers.items():
+            layer.fake_quant = enabled
+            frozen = self.frozen_scales.get(name)
+            layer.frozen_scales = None if frozen is None else frozen.to(layer.weight.device)

@@ -1,0 +1,124 @@
+"""The two Linear layers of QAT: one that fake-quantizes while training, one that runs real int8.
+
+``FakeQuantLinear`` is an ``nn.Linear`` whose class is swapped in place (:func:`prepare`), so the
+parameters, their names, the optimizer's references and the checkpoint keys stay exactly those of
+the plain model: a QAT checkpoint loads into the unmodified module, and the QAT state (on/off, frozen
+weight scales) lives in the callback's checkpoint state instead.
+
+``Int8DynamicLinear`` holds int8 weights, per-channel scales and a float bias as plain tensors (so
+it saves to safetensors and loads without pickled code) and runs PyTorch's dynamic int8 kernel.
+
+Example:
+    >>> import torch
+    >>> layer = torch.nn.Linear(4, 3)
+    >>> prepare(torch.nn.Sequential(layer), lambda module, name: True)
+    ['0']
+    >>> type(layer).__name__, layer.fake_quant
+    ('FakeQuantLinear', True)
+    >>> int8 = Int8DynamicLinear.from_linear(layer)
+    >>> x = torch.randn(2, 4)
+    >>> torch.allclose(int8(x), layer(x), atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_memopt.quantization.fake_quant import (
+    WEIGHT_QMAX,
+    WEIGHT_QMIN,
+    fake_quant_activation,
+    fake_quant_weight,
+    reduce_range,
+    weight_scales,
+)
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` that, while ``fake_quant`` is on, computes with int8-rounded weights and activations."""
+
+    fake_quant: bool
+    frozen_scales: Tensor | None
+
+    def scales(self) -> Tensor:
+        """The weight scales in use: frozen ones, or measured from the current weights."""
+        return self.frozen_scales if self.frozen_scales is not None else weight_scales(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fake_quant:
+            return F.linear(x, self.weight, self.bias)
+        weight = fake_quant_weight(self.weight, self.scales())
+        return F.linear(fake_quant_activation(x), weight, self.bias)
+
+
+def prepare(model: nn.Module, module_filter: Callable[[nn.Module, str], bool]) -> list[str]:
+    """Turn the selected ``nn.Linear`` layers into :class:`FakeQuantLinear` in place; return their names."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module_filter(module, name):
+            module.__class__ = FakeQuantLinear
+            module.fake_quant = True
+            module.frozen_scales = None
+            names.append(name)
+        elif isinstance(module, FakeQuantLinear) and module_filter(module, name):
+            names.append(name)  # prepared before (a second fit on the same module)
+    return names
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear with int8 weights (per-channel symmetric) and dynamically quantized int8 activations."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: tuple[int, object] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scales: Tensor | None = None) -> Int8DynamicLinear:
+        """Quantize ``linear``'s weights with ``scales`` (default: its QAT scales, or measured ones)."""
+        if scales is None:
+            scales = linear.scales() if isinstance(linear, FakeQuantLinear) else weight_scales(linear.weight)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        weight = linear.weight.detach().float().cpu()
+        scales = scales.detach().float().cpu()
+        # The same rounding as training's fake quantization, then the grid index.
+        rounded = fake_quant_weight(weight, scales)
+        new.weight.copy_(torch.round(rounded / scales[:, None]).clamp(WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8))
+        new.weight_scale.copy_(scales)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach().float().cpu())
+        return new
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def _packed_params(self) -> object:
+        key = self.weight._version + self.weight_scale._version
+        if self._packed is None or self._packed[0] != key:
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # PyTorch's notice that quantized tensors will go (see Known limits)
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+                qweight = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.weight_scale.double(), zero_points, 0
+                )
+            self._packed = (key, torch.ops.quantized.linear_prepack(qweight, self.bias))
+        return self._packed[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        out = torch.ops.quantized.linear_dynamic(
+            x.reshape(-1, shape[-1]).float(), self._packed_params(), reduce_range()
+        )
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
