@@ -74,6 +74,7 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/pruning/unstructured-80.yaml", "recipes/optimizers/adamw8bit.yaml"],
         ["recipes/pruning/structured-50.yaml"],
         ["recipes/distillation/{task}.yaml"],
+        ["recipes/quantization/int8-qat.yaml", "recipes/pruning/unstructured-80.yaml"],
     ],
 )
 @pytest.mark.parametrize("task", ["ner", "sst2"])
@@ -98,6 +99,10 @@ def test_recipes_and_overlays_parse(
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
     if overlay and "structured-50" in overlay[0]:
         assert "structure: heads_and_neurons" in printed
+    if overlay and "quantization" in overlay[0]:
+        assert (
+            "lightning_memopt.QuantizationAwareTraining" in printed and "lightning_memopt.PruningScheduler" in printed
+        )
     if distillation:
         assert "lightning_memopt.KnowledgeDistillation" in printed and f"students/{task}-l3" in printed
         assert "-distilled/checkpoints" in printed

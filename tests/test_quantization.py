@@ -160,3 +160,30 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
     fails(r"selects no Linear layer", modules=["decoder"])
     fails(r"cannot quantize: \['model.bert.embeddings.word_embeddings \(Embedding\)'", modules=["word_embeddings"])
     fails(r"start resolves to step 50, but the run has only 4", start=50)
+
+
+def test_recipe_overlay_on_ddp_then_int8_export(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    from conftest import PROJECT_ROOT
+    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
+
+    args = [
+        "fit",
+        *small_ner_args(tiny_bert_dir, conll_small, steps=10),
+        "--config",
+        str(PROJECT_ROOT / "recipes/quantization/int8-qat.yaml"),
+        *DDP_TWO_CPUS,
+        *digest_args(tmp_path / "digests"),
+    ]
+    result = memopt(args, cwd=tmp_path)
+    assert (
+        "QuantizationAwareTraining: 12 Linear layers, int8 fake quantization from step 1"
+        in result.stdout + result.stderr
+    )
+    records = read_digests(tmp_path / "digests")
+    assert len(records) == 2 and records[0] == {**records[1], "global_rank": 0}
+    checkpoint = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"
+    result = memopt(["export", f"--ckpt_path={checkpoint}", "--output_dir=int8", "--int8=true"], cwd=tmp_path)
+    assert "12 Linear layers from QAT layers with frozen weight scales" in result.stdout
+    assert isinstance(load_int8(tmp_path / "int8").bert.encoder.layer[1].output.dense, Int8DynamicLinear)
