@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,49 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
         "epochs": cli.trainer.current_epoch,
         **timer.summary(),
     }
+
+
+class LoopTimer(Callback):
+    """Seconds between consecutive training-batch starts (the whole loop iteration), after ``warmup`` batches.
+
+    With ``epoch`` set, only batches of that epoch count (e.g. 1, after a callback acted at the end of epoch 0).
+    """
+
+    def __init__(self, warmup: int = 5, epoch: int | None = None) -> None:
+        self.warmup, self.epoch = warmup, epoch
+        self.times: list[float] = []
+        self.last: float | None = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        in_epoch = self.epoch is None or trainer.current_epoch == self.epoch
+        if in_epoch and self.last is not None and batch_idx > self.warmup:
+            self.times.append(now - self.last)
+        self.last = now
+
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def latency_ms(
+    models: dict[str, torch.nn.Module], inputs: dict[str, Any], rounds: int = 5, runs: int = 6
+) -> dict[str, float]:
+    """Median forward time (ms) of each model on ``inputs``, the models interleaved in every round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(**inputs)  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                started = time.perf_counter()
+                for _ in range(runs):
+                    model(**inputs)
+                times[name].append((time.perf_counter() - started) / runs * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def latency_inputs(batch: int = 8, length: int = 128) -> dict[str, torch.Tensor]:
+    """A fixed batch of token ids (BERT vocabulary range) for latency measurements."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}

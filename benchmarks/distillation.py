@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, TASKS, fit_recipe, machine, step_budget, today
+from common import PROJECT_ROOT, TASKS, LoopTimer, fit_recipe, machine, step_budget, today
 
 CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 LAYERS = [0, 2, 4]
@@ -81,20 +81,6 @@ def teacher_score(task: str, teacher_ckpt: str) -> float:
     return round(float(cli.trainer.callback_metrics[TASKS[task]["metric"]]), 4)
 
 
-class LoopTimer(Callback):
-    """Seconds between consecutive training-batch starts after a warm-up."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.last = warmup, None
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self.last is not None and batch_idx > self.warmup:
-            self.times.append(now - self.last)
-        self.last = now
-
-
 def overhead(workdir: Path, teacher_ckpt: str, steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, Any]:
     """Per-step seconds of the NER student alone, with the callback, and of the teacher's forward alone."""
     from lightning.pytorch import Trainer
@@ -126,7 +112,7 @@ def overhead(workdir: Path, teacher_ckpt: str, steps: int = 30, warmup: int = 5,
         if not batches:
             loader = iter(data.train_dataloader())
             batches.extend(next(loader) for _ in range(steps))
-        return statistics.median(timer.times)
+        return timer.median()
 
     def teacher_forward() -> float:
         teacher = load_teacher(teacher_ckpt).model.eval()

@@ -161,19 +161,15 @@ def export_int8(module: Any, ckpt_path: str, output_dir: str) -> None:
     """The ``--int8`` branch of ``memopt export``."""
     import torch
 
-    from lightning_memopt.quantization.export import checkpoint_qat_state, convert_to_int8, save_int8
+    from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
     from lightning_memopt.tasks.sources import resolve_pretrained
 
     state = checkpoint_qat_state(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
+    names = convert_with_qat_state(module.model, state)
     if state is None:
-        names = convert_to_int8(module.model)
         how = "post-training dynamic quantization (no QAT state in the checkpoint)"
     else:
-        prefix = "model."
-        layers = [name.removeprefix(prefix) for name in state["layers"]]
-        scales = {name.removeprefix(prefix): value for name, value in state["frozen_scales"].items()}
-        names = convert_to_int8(module.model, scales=scales, names=layers)
-        how = f"QAT layers{' with frozen weight scales' if scales else ''}"
+        how = f"QAT layers{' with frozen weight scales' if state['frozen_scales'] else ''}"
     report = save_int8(module.model, output_dir, resolve_pretrained(module.model_name_or_path))
     print(
         f"Exported int8 {type(module.model).__name__} to {output_dir}: {len(names)} Linear layers from {how}; "

