@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +205,97 @@ def latency_inputs(batch: int = 8, length: int = 128) -> dict[str, torch.Tensor]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch, length), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (``--_child`` is how a script runs one variant in a child)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
+    parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    parser.add_argument("--skip_done", action="store_true", help="reuse runs whose result.json is in --workdir")
+    parser.add_argument("--_child", nargs="+", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def payload_header(script: str) -> dict[str, Any]:
+    """Command, machine and date of this benchmark run."""
+    return {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]), "machine": machine(), "date": today()}
+
+
+def run_child(
+    script: str, workdir: Path, steps: int, task: str, variant: str, *extra: str, skip_done: bool = False
+) -> dict:
+    """Run one variant of ``script`` in a child process (or reuse its result) and return its ``result.json``."""
+    done = workdir / task / variant / "result.json"
+    if not (skip_done and done.exists()):
+        print(f"== {task} / {variant}", flush=True)
+        command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / script), "--_child", task, variant, *extra]
+        subprocess.run([*command, "--workdir", str(workdir), "--steps", str(steps)], check=True, cwd=PROJECT_ROOT)
+    result = json.loads(done.read_text())
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
+    return result
+
+
+def write_child_result(workdir: Path, task: str, variant: str, result: dict) -> None:
+    folder = workdir / task / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def report_header(title: str, payload: dict[str, Any], *notes: str) -> list[str]:
+    """The first lines of a results page: title, command, machine, date and notes."""
+    lines = [f"# {title}", "", f"- Command: `{payload['command']}`", f"- Machine: {payload['machine']}"]
+    return [*lines, f"- Date: {payload['date']}", *(f"- {note}" for note in notes), ""]
+
+
+def save_results(name: str, steps: int, payload: dict[str, Any], lines: list[str]) -> Path:
+    """Write ``benchmarks/results/<name>-<steps>.json`` and ``docs/results/<name>-<steps>.md``; return the page."""
+    data = PROJECT_ROOT / "benchmarks" / "results" / f"{name}-{steps}.json"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps(payload, indent=2) + "\n")
+    page = PROJECT_ROOT / "docs" / "results" / f"{name}-{steps}.md"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines))
+    return page
+
+
+CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+def timed_ner_steps(
+    model: str,
+    make_callbacks: Callable[[LightningModule], list[Callback]],
+    steps: int = 30,
+    warmup: int = 5,
+    second_epoch: bool = False,
+) -> float:
+    """Median seconds per CoNLL-2003 training step (batch 32) of ``model`` with the callbacks made for its module.
+
+    ``second_epoch`` times the second of two short epochs (for callbacks that act at the end of the first).
+    """
+    from lightning_memopt import TokenClassificationDataModule, TokenClassificationModule
+
+    torch.manual_seed(0)
+    module = TokenClassificationModule(model, labels=CONLL_LABELS, learning_rate=1e-4)
+    train_file = PROJECT_ROOT.parent / "shared" / "data" / "conll2003" / "train.txt.gz"
+    data = TokenClassificationDataModule(train_file=str(train_file), batch_size=32)
+    timer = LoopTimer(warmup, epoch=1 if second_epoch else None)
+    length = (
+        {"max_epochs": 2, "limit_train_batches": steps + warmup + 1}
+        if second_epoch
+        else {"max_steps": steps + warmup + 1}
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *make_callbacks(module)],
+        **length,
+    )
+    trainer.fit(module, datamodule=data)
+    return timer.median()

@@ -17,10 +17,7 @@ Results: ``benchmarks/results/distillation-<steps>.json`` and ``docs/results/dis
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, TASKS, LoopTimer, fit_recipe, machine, step_budget, today
+from common import (
+    PROJECT_ROOT,
+    TASKS,
+    benchmark_parser,
+    fit_recipe,
+    payload_header,
+    report_header,
+    run_child,
+    save_results,
+    step_budget,
+    timed_ner_steps,
+    write_child_result,
+)
 
-CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 LAYERS = [0, 2, 4]
 ALPHA, TEMPERATURE = 0.5, 2.0
 
@@ -81,54 +88,33 @@ def teacher_score(task: str, teacher_ckpt: str) -> float:
     return round(float(cli.trainer.callback_metrics[TASKS[task]["metric"]]), 4)
 
 
-def overhead(workdir: Path, teacher_ckpt: str, steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, Any]:
+def overhead(workdir: Path, teacher_ckpt: str, repeats: int = 2, batches: int = 30) -> dict[str, Any]:
     """Per-step seconds of the NER student alone, with the callback, and of the teacher's forward alone."""
-    from lightning.pytorch import Trainer
-
-    from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule, TokenClassificationModule
+    from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule
     from lightning_memopt.distillation import load_teacher
 
-    train_file = PROJECT_ROOT.parent / "shared" / "data" / "conll2003" / "train.txt.gz"
     student_dir = str(workdir / "ner" / "student-init")
-    batches: list[dict] = []
-
-    def one_run(with_kd: bool) -> float:
-        torch.manual_seed(0)
-        module = TokenClassificationModule(student_dir, labels=CONLL_LABELS, learning_rate=1e-4)
-        data = TokenClassificationDataModule(train_file=str(train_file), batch_size=32)
-        timer = LoopTimer(warmup)
-        callbacks: list[Callback] = [timer] + ([KnowledgeDistillation(teacher_ckpt)] if with_kd else [])
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=steps + warmup + 1,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        trainer.fit(module, datamodule=data)
-        if not batches:
-            loader = iter(data.train_dataloader())
-            batches.extend(next(loader) for _ in range(steps))
-        return timer.median()
+    data = TokenClassificationDataModule(
+        train_file=str(PROJECT_ROOT.parent / "shared/data/conll2003/train.txt.gz"), tokenizer=student_dir, batch_size=32
+    )
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    inputs = [{k: v for k, v in next(loader).items() if k in ("input_ids", "attention_mask")} for _ in range(batches)]
+    teacher = load_teacher(teacher_ckpt).model.eval()
 
     def teacher_forward() -> float:
-        teacher = load_teacher(teacher_ckpt).model.eval()
         times = []
         with torch.no_grad():
-            for batch in batches:
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            for batch in inputs:
                 started = time.perf_counter()
-                teacher(**inputs)
+                teacher(**batch)
                 times.append(time.perf_counter() - started)
-        return statistics.median(times[warmup:] or times)
+        return statistics.median(times)
 
     seconds: dict[str, list[float]] = {"student": [], "student+kd": [], "teacher forward": []}
     for _ in range(repeats):
-        seconds["student"].append(one_run(False))
-        seconds["student+kd"].append(one_run(True))
+        seconds["student"].append(timed_ner_steps(student_dir, lambda module: []))
+        seconds["student+kd"].append(timed_ner_steps(student_dir, lambda module: [KnowledgeDistillation(teacher_ckpt)]))
         seconds["teacher forward"].append(teacher_forward())
         print("overhead:", {k: round(v[-1], 4) for k, v in seconds.items()}, flush=True)
     best = {kind: min(values) for kind, values in seconds.items()}
@@ -137,22 +123,18 @@ def overhead(workdir: Path, teacher_ckpt: str, steps: int = 30, warmup: int = 5,
         "seconds_per_step": {k: round(v, 4) for k, v in best.items()},
         "hook_overhead_ratio": round(hook / best["student"], 3),
         "with_callback_ratio": round(best["student+kd"] / best["student"], 3),
-        "steps_timed": steps,
+        "steps_timed": 30,
         "repeats": repeats,
     }
 
 
 def write_report(payload: dict, steps: int) -> Path:
-    lines = [
-        f"# KnowledgeDistillation benchmark ({steps} optimizer steps per run)",
-        "",
-        f"- Command: `{payload['command']}`",
-        f"- Machine: {payload['machine']}",
-        f"- Date: {payload['date']}",
-        f"- Teacher: all-MiniLM-L6-v2 fine-tuned by the task recipe; student: its embeddings, head and layers "
+    lines = report_header(
+        f"KnowledgeDistillation benchmark ({steps} optimizer steps per run)",
+        payload,
+        f"Teacher: all-MiniLM-L6-v2 fine-tuned by the task recipe; student: its embeddings, head and layers "
         f"{LAYERS}; distillation alpha {ALPHA}, temperature {TEMPERATURE}; every run has the same budget and recipe.",
-        "",
-    ]
+    )
     for task, result in payload.get("tasks", {}).items():
         metric = TASKS[task]["metric"]
         teacher = result["teacher_score"]
@@ -183,61 +165,38 @@ def write_report(payload: dict, steps: int) -> Path:
             f"{o['repeats']} runs each, median over {o['steps_timed']} steps).",
             "",
         ]
-    path = PROJECT_ROOT / "docs" / "results" / f"distillation-{steps}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return save_results("distillation", steps, payload, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--teacher", nargs="*", default=[], help="TASK=CKPT: reuse a fine-tuned teacher")
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
-    parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
-    parser.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-distillation-"))
     if args._child:
         task, variant, teacher = args._child
         result = run_variant(task, variant, workdir, args.steps, None if teacher == "-" else teacher)
-        (workdir / task / variant).mkdir(parents=True, exist_ok=True)
-        (workdir / task / variant / "result.json").write_text(json.dumps(result))
+        write_child_result(workdir, task, variant, result)
         return
     teachers = dict(item.split("=", 1) for item in args.teacher)
-    payload: dict[str, Any] = {
-        "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
-        "date": today(),
-        "tasks": {},
-    }
+    payload: dict[str, Any] = {**payload_header("distillation.py"), "tasks": {}}
 
     def child(task: str, variant: str, teacher: str) -> dict:
-        print(f"== {task} / {variant}", flush=True)
-        command = [sys.executable, __file__, "--_child", task, variant, teacher, "--workdir", str(workdir)]
-        subprocess.run([*command, "--steps", str(args.steps)], check=True, cwd=PROJECT_ROOT)
-        result = json.loads((workdir / task / variant / "result.json").read_text())
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
-        return result
+        return run_child("distillation.py", workdir, args.steps, task, variant, teacher, skip_done=args.skip_done)
 
     for task in args.tasks:
         if task not in teachers:
             child(task, "teacher", "-")
             teachers[task] = str(workdir / task / "teacher" / "checkpoints" / "last.ckpt")
+        sizes = make_student(teachers[task], workdir / task / "student-init")
         if "accuracy" not in args.parts:
-            make_student(teachers[task], workdir / task / "student-init")
             continue
-        result = {**make_student(teachers[task], workdir / task / "student-init")}
-        result["teacher_score"] = teacher_score(task, teachers[task])
+        result = {**sizes, "teacher_score": teacher_score(task, teachers[task])}
         for variant in ("student", "student+kd"):
             result[variant] = child(task, variant, teachers[task])
         payload["tasks"][task] = result
     if "overhead" in args.parts and "ner" in teachers:
         payload["overhead"] = overhead(workdir, teachers["ner"])
-    out = PROJECT_ROOT / "benchmarks" / "results" / f"distillation-{args.steps}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"Report: {write_report(payload, args.steps)}")
 
 

