@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -46,6 +46,22 @@ def format_metrics(metrics: dict[str, float], title: str) -> str:
     return "\n".join([title, *rows])
 
 
+class FinalLastCheckpoint(Callback):
+    """Make every ``last.ckpt`` hold the end-of-training state (a distillation teacher, an export source).
+
+    Lightning writes ``last.ckpt`` only at its save steps, so a run that ends between two of them would
+    leave an older one behind, and one saved at the last step before the final validation would lack
+    that validation's best score. Saved in ``on_train_end``, while sharded strategies can still gather.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                callback.last_model_path = str(path)
+
+
 class MemoptCLI(LightningCLI):
     """LightningCLI that takes any LightningModule / LightningDataModule and reports final metrics.
 
@@ -65,28 +81,14 @@ class MemoptCLI(LightningCLI):
         all_keys = parser.callback_keys
         parser.callback_keys = [key for key in all_keys if self._get(self.config_init, key) is not None]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         finally:
             parser.callback_keys = all_keys
+        trainer.callbacks.append(FinalLastCheckpoint())
+        return trainer
 
     def after_fit(self) -> None:
-        self._save_final_last_checkpoint()
         self._report("Final validation metrics")
-
-    def _save_final_last_checkpoint(self) -> None:
-        """Make every ``last.ckpt`` hold the end-of-fit state (a teacher for distillation, an export source).
-
-        Lightning writes ``last.ckpt`` only at its save steps, so a run that ends between two of them would
-        leave an older one behind, and one saved at the last step before the final validation would lack
-        that validation's best score.
-        """
-        trainer = self.trainer
-        for callback in trainer.checkpoint_callbacks:
-            if not (callback.save_last and callback.dirpath):
-                continue
-            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)
-            callback.last_model_path = str(path)
 
     def after_validate(self) -> None:
         self._report("Validation metrics")
@@ -159,12 +161,11 @@ def export_command(argv: Sequence[str]) -> None:
 
 def export_int8(module: Any, ckpt_path: str, output_dir: str) -> None:
     """The ``--int8`` branch of ``memopt export``."""
-    import torch
-
+    from lightning_memopt.checkpoint_reading import read_checkpoint
     from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
     from lightning_memopt.tasks.sources import resolve_pretrained
 
-    state = checkpoint_qat_state(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
+    state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
     names = convert_with_qat_state(module.model, state)
     if state is None:
         how = "post-training dynamic quantization (no QAT state in the checkpoint)"

@@ -1,4 +1,4 @@
-"""Fit under ModelParallelStrategy (FSDP2) on 2 CPU processes with our callbacks; each rank writes what it sees.
+"""Fit with FSDP2Strategy (FSDP2 preset) on 2 CPU processes with our callbacks; each rank writes what it sees.
 
 Launched by the FSDP2 tests as ``python fsdp2_fit.py OUT_DIR TRAIN_FILE MODEL_DIR STRUCTURE [--teacher DIR]
 [--interrupt STEP] [--ckpt_path PATH]`` (STRUCTURE ``none`` for no pruning); Lightning starts the second rank by
@@ -17,26 +17,15 @@ import torch
 from conftest import CONLL_LABELS, Interrupt
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
 
 from lightning_memopt import (
+    FSDP2Strategy,
     KnowledgeDistillation,
     PruningScheduler,
     TokenClassificationDataModule,
     TokenClassificationModule,
 )
 from lightning_memopt.pruning.placement import full
-
-
-class ShardedTokenClassifier(TokenClassificationModule):
-    """The task module with each BERT layer and the whole model sharded by FSDP2 ``fully_shard``."""
-
-    def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.bert.encoder.layer:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -56,7 +45,7 @@ def main() -> None:
     parser.add_argument("--teacher", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    module = ShardedTokenClassifier(args.model_dir, labels=CONLL_LABELS, learning_rate=1e-3)
+    module = TokenClassificationModule(args.model_dir, labels=CONLL_LABELS, learning_rate=1e-3)
     data = TokenClassificationDataModule(train_file=args.train_file, batch_size=8)
     criterion = "magnitude" if args.structure in ("unstructured", "none") else "gradient"
     structure = "unstructured" if args.structure == "none" else args.structure
@@ -72,7 +61,7 @@ def main() -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=FSDP2Strategy(),  # shards each BertLayer, then the module
         max_steps=8,
         logger=False,
         enable_progress_bar=False,
@@ -90,6 +79,7 @@ def main() -> None:
         "masks": digest(pruning.masks),
         "kept_units": {name: keep.tolist() for name, keep in pruning.kept_units.items()},
         "params": digest(params),
+        "sharded_blocks": trainer.strategy.sharded_blocks,
     }
     if distillation is not None:
         teacher = distillation.teacher

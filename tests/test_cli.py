@@ -222,3 +222,28 @@ def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Pat
     assert {r["world_size"] for r in records} == {2}
     assert {r["global_step"] for r in records} == {4}
     assert records[0]["digest"] == records[1]["digest"]
+
+
+def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    fsdp2 = ["--config", str(RECIPES / "strategies/fsdp2.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4), *fsdp2], cwd=tmp_path)
+    last = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    result = memopt(
+        ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=6), *fsdp2, "--ckpt_path=last"], cwd=tmp_path
+    )
+    assert (
+        "Restored all states" in result.stdout + result.stderr and "Final validation metrics (step 6)" in result.stdout
+    )
+    memopt(["export", f"--ckpt_path={last}", "--output_dir=exported"], cwd=tmp_path)
+    from transformers import AutoModelForTokenClassification
+
+    from lightning_memopt.checkpoint_reading import read_checkpoint
+
+    gathered = read_checkpoint(last)
+    assert gathered["global_step"] == 6
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported")
+    weight = gathered["state_dict"]["model.bert.encoder.layer.1.output.dense.weight"]
+    assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, weight)

@@ -1,4 +1,4 @@
-"""Our callbacks under ModelParallelStrategy (FSDP2 ``fully_shard``) on 2 CPU processes with gloo."""
+"""Our callbacks under FSDP2 (FSDP2Strategy, a ModelParallelStrategy preset) on 2 CPU processes with gloo."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def test_masks_on_sharded_weights_are_exact_identical_on_both_ranks_and_resume(
 ) -> None:
     ranks = launch(tmp_path / "unstructured", conll_small, tiny_bert_dir, "unstructured")
     for record in ranks:
+        assert record["sharded_blocks"] == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
         assert record["sharded"]  # the callback masked DTensor shards, not full copies
         assert record["zeros"] and all(z == pytest.approx(0.5) for z in record["zeros"].values())
     assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["masks"] == ranks[1]["masks"]

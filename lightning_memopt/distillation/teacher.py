@@ -42,7 +42,9 @@ class Teacher:
 
 def checkpoint_scores(path: Path) -> dict[str, float]:
     """``{monitored metric: best score}`` from the ModelCheckpoint states saved in a Lightning checkpoint."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from lightning_memopt.checkpoint_reading import read_checkpoint
+
+    checkpoint = read_checkpoint(path, tensors=False)
     scores = {}
     for state in checkpoint.get("callbacks", {}).values():
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_score") is not None:
@@ -73,7 +75,7 @@ def load_teacher(source: str | nn.Module) -> Teacher:
         folder = resolve_pretrained(source)
         return Teacher(_from_folder(folder), folder)
     path = Path(source).expanduser()
-    if path.is_file():
+    if path.is_file() or (path / "meta.pt").exists():  # a checkpoint file, or a sharded checkpoint folder
         from lightning_memopt.tasks.modules import load_task_checkpoint
 
         module = load_task_checkpoint(path)

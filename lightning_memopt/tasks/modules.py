@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
+from lightning_memopt.checkpoint_reading import read_checkpoint
 from lightning_memopt.tasks.entity_f1 import EntityF1
 from lightning_memopt.tasks.optim import build_adamw, check_optimizer, linear_warmup_decay
 from lightning_memopt.tasks.sources import resolve_pretrained
@@ -159,7 +161,8 @@ class TransformerTaskModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TASK_KEY] = type(self).__name__
+        # FSDP2 swaps the class for a subclass (FSDPTokenClassificationModule): record ours.
+        checkpoint[TASK_KEY] = next((c.__name__ for c in type(self).__mro__ if c.__name__ in TASK_CLASSES), None)
         # Dropout draws from these: restoring them makes a resumed run continue like an uninterrupted one.
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
 
@@ -246,17 +249,22 @@ TASK_CLASSES: dict[str, type[TransformerTaskModule]] = {
 def load_task_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TransformerTaskModule:
     """Load one of our task modules from a Lightning checkpoint without executing anything in it.
 
-    The checkpoint is read with ``weights_only=True`` and the class is looked up by name in an
-    allow-list of our task modules, never imported from a path found in the file.
+    The checkpoint (a file, or the sharded folder FSDP2 writes) is read with ``weights_only=True`` and the
+    class is looked up by name in an allow-list of our task modules, never imported from a path found in the file.
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, map_location)
     name = checkpoint.get(TASK_KEY)
     if name not in TASK_CLASSES:
         raise ValueError(
             f"{path} is not a checkpoint of a lightning_memopt task module (it names {name!r}); "
             f"expected one of {sorted(TASK_CLASSES)}."
         )
+    source: str | Path | io.BytesIO = path
+    if Path(path).is_dir():  # hand Lightning the gathered checkpoint as one file
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
     # Remote code is never enabled by what a checkpoint says.
     return TASK_CLASSES[name].load_from_checkpoint(
-        path, map_location=map_location, weights_only=True, trust_remote_code=False
+        source, map_location=map_location, weights_only=True, trust_remote_code=False
     )

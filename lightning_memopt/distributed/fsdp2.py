@@ -1,0 +1,145 @@
+"""FSDP2 for any LightningModule: ``FSDP2Strategy`` shards each transformer block, no ``configure_model`` needed.
+
+Lightning's ``ModelParallelStrategy`` runs FSDP2 (``fully_shard``), including on CPU with gloo, but
+asks every LightningModule to shard itself in ``configure_model``. This preset does it for modules
+that do not: it finds the repeated transformer blocks (the members of a ``ModuleList`` that share one
+class, such as ``BertLayer``; or the classes you name), optionally wraps each in composable activation
+checkpointing (``torch.distributed._composable.checkpoint``, which keeps full-checkpoint resume
+working where ``checkpoint_wrapper`` does not), shards each block and then the whole module. A module
+that defines its own ``configure_model`` is left to it.
+
+Example:
+    >>> from transformers import BertConfig, BertForTokenClassification
+    >>> model = BertForTokenClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2))
+    >>> [name for name, _ in transformer_blocks(model)]
+    ['bert.encoder.layer.0', 'bert.encoder.layer.1', 'bert.encoder.layer.2']
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_blocks(model: nn.Module, block_classes: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The blocks to shard one by one: modules of the named classes, or the members of uniform ``ModuleList`` s."""
+    if block_classes:
+        found = [(n, m) for n, m in model.named_modules() if type(m).__name__ in set(block_classes)]
+        if not found:
+            present = sorted({type(m).__name__ for m in model.modules()})[:20]
+            raise ValueError(f"block_classes={list(block_classes)} match no module; the model has {present}.")
+        return found
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            found += [(f"{name}.{index}", block) for index, block in enumerate(module)]
+    return found
+
+
+def shard_transformer(
+    module: nn.Module,
+    mesh: Any,
+    block_classes: Sequence[str] | None = None,
+    activation_checkpointing: bool = False,
+    mixed_precision: Literal["bf16", "fp16"] | None = None,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Apply (checkpointing and) ``fully_shard`` to each transformer block, then to ``module``; return the blocks."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mixed_precision is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    blocks = transformer_blocks(module, block_classes)
+    if not blocks:
+        raise ValueError(
+            f"Found no transformer blocks in {type(module).__name__} (no ModuleList of identical blocks); "
+            "pass block_classes=['YourBlockClass'] or shard in your own configure_model."
+        )
+    for _, block in blocks:
+        if activation_checkpointing:
+            checkpoint(block)
+        fully_shard(block, **options)
+    fully_shard(module, **options)
+    return [name for name, _ in blocks]
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` (data-parallel FSDP2) that shards LightningModules without ``configure_model``.
+
+    Args:
+        block_classes: class names of the blocks to shard one by one; ``None`` finds them.
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        mixed_precision: ``"bf16"`` or ``"fp16"`` parameters in forward/backward (reductions in float32).
+        cpu_offload: keep parameters, gradients and optimizer state on the CPU (CUDA only).
+        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3 like); ``False``
+            keeps them until backward (ZeRO-2 like, more memory, less communication).
+        kwargs: the rest of ``ModelParallelStrategy``'s options (``save_distributed_checkpoint``, ``timeout``...).
+
+    Example (YAML): ``trainer.strategy: {class_path: lightning_memopt.FSDP2Strategy, init_args: {activation_checkpointing: true}}``
+    """
+
+    def __init__(
+        self,
+        block_classes: list[str] | None = None,
+        activation_checkpointing: bool = False,
+        mixed_precision: Literal["bf16", "fp16"] | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if mixed_precision is not None and mixed_precision not in DTYPES:
+            raise ValueError(f"mixed_precision must be 'bf16', 'fp16' or None, got {mixed_precision!r}.")
+        self.shard_over_all_devices = "data_parallel_size" not in kwargs and "tensor_parallel_size" not in kwargs
+        super().__init__(**kwargs)
+        self.block_classes = block_classes
+        self.activation_checkpointing = activation_checkpointing
+        self.mixed_precision = mixed_precision
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+        self.sharded_blocks: list[str] = []
+
+    @override
+    def setup_environment(self) -> None:
+        if self.shard_over_all_devices:  # pure data-parallel FSDP over every device of every node
+            self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    @override
+    def connect(self, model: LightningModule) -> None:  # type: ignore[override]
+        super().connect(model)
+        if self.cpu_offload and not any(device.type == "cuda" for device in self.parallel_devices or []):
+            raise ValueError("cpu_offload=True needs CUDA devices: on CPU the parameters are there already.")
+        if is_overridden("configure_model", model):
+            return  # the module shards itself
+        strategy = self
+
+        def configure_model(module: LightningModule) -> None:
+            if strategy.sharded_blocks:
+                return  # already sharded (a second fit on the same module)
+            mesh = module.device_mesh["data_parallel"]
+            strategy.sharded_blocks = shard_transformer(
+                module,
+                mesh,
+                strategy.block_classes,
+                strategy.activation_checkpointing,
+                strategy.mixed_precision,
+                strategy.cpu_offload,
+                strategy.reshard_after_forward,
+            )
+
+        model.configure_model = types.MethodType(configure_model, model)  # type: ignore[method-assign]
