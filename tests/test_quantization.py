@@ -187,3 +187,17 @@ def test_recipe_overlay_on_ddp_then_int8_export(
     result = memopt(["export", f"--ckpt_path={checkpoint}", "--output_dir=int8", "--int8=true"], cwd=tmp_path)
     assert "12 Linear layers from QAT layers with frozen weight scales" in result.stdout
     assert isinstance(load_int8(tmp_path / "int8").bert.encoder.layer[1].output.dense, Int8DynamicLinear)
+
+
+def test_int8_linear_under_inference_mode_and_after_reloading_weights() -> None:
+    torch.manual_seed(0)
+    source, other = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():  # as in Lightning's validate/test: converted and run there
+        layer = Int8DynamicLinear.from_linear(source)
+        first = layer(x)
+    assert torch.allclose(first, source(x), atol=0.05)
+    layer = Int8DynamicLinear.from_linear(source)
+    assert torch.allclose(layer(x), first)
+    layer.load_state_dict(Int8DynamicLinear.from_linear(other).state_dict())
+    assert torch.allclose(layer(x), other(x), atol=0.05)  # the packed weights follow the new state

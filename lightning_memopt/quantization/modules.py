@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: tuple[int, object] | None = None
+        self._packed: object | None = None  # the kernel's packed weights, made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scales: Tensor | None = None) -> Int8DynamicLinear:
@@ -101,17 +102,20 @@ class Int8DynamicLinear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return self.weight.float() * self.weight_scale[:, None]
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None  # new weights: pack again
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _packed_params(self) -> object:
-        key = self.weight._version + self.weight_scale._version
-        if self._packed is None or self._packed[0] != key:
+        if self._packed is None:
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # PyTorch's notice that quantized tensors will go (see Known limits)
                 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
                 qweight = torch._make_per_channel_quantized_tensor(
                     self.weight, self.weight_scale.double(), zero_points, 0
                 )
-            self._packed = (key, torch.ops.quantized.linear_prepack(qweight, self.bias))
-        return self._packed[1]
+            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
