@@ -201,3 +201,24 @@ def test_int8_linear_under_inference_mode_and_after_reloading_weights() -> None:
     assert torch.allclose(layer(x), first)
     layer.load_state_dict(Int8DynamicLinear.from_linear(other).state_dict())
     assert torch.allclose(layer(x), other(x), atol=0.05)  # the packed weights follow the new state
+
+
+def test_prune_distill_and_quantize_in_one_fit(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    """The three compression callbacks together: each result is what it promises, in one exported model."""
+    from test_distillation_callback import make_teacher
+
+    from lightning_memopt import KnowledgeDistillation
+
+    pruning = PruningScheduler(final_sparsity=0.5, start=0, end=4, every=2)
+    kd = KnowledgeDistillation(str(make_teacher(tiny_bert_dir, tmp_path / "teacher")), alpha=0.5)
+    qat_callback = QuantizationAwareTraining(start=2)
+    _, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path, [pruning, kd, qat_callback], 8, 4)
+    assert float(trainer.callback_metrics["train_kd"]) > 0 and qat_callback.enabled
+    assert not any(isinstance(m, FakeQuantLinear) for m in kd.teacher.modules())  # the teacher stays float
+    memopt_main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / 'int8'}", "--int8=true"])
+    int8 = dict(load_int8(tmp_path / "int8").named_modules())
+    for name, mask in pruning.masks.items():
+        layer = int8[name.removeprefix("model.").removesuffix(".weight")]
+        assert isinstance(layer, Int8DynamicLinear) and (layer.weight[~mask] == 0).all(), name
