@@ -17,6 +17,8 @@ def tensor_digest(tensors: dict) -> str:
         if isinstance(value, dict):
             digest.update(tensor_digest(value).encode())
         elif hasattr(value, "detach"):
+            if hasattr(value, "full_tensor"):  # an FSDP2 shard: digest the whole tensor (every rank gathers)
+                value = value.full_tensor()
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -35,6 +37,7 @@ class ParameterDigest(Callback):
             "global_rank": trainer.global_rank,
             "node_rank": trainer.node_rank,
             "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
             "global_step": trainer.global_step,
             "digest": parameter_digest(pl_module),
             "callbacks": {type(c).__name__: tensor_digest(c.state_dict()) for c in trainer.callbacks if c.state_dict()},

@@ -179,14 +179,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
+def test_two_nodes_with_torchrun(
+    sharded: bool, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
     port = free_port()
     digests = tmp_path / "digests"
+    fsdp2 = ["--config", str(RECIPES / "strategies/fsdp2.yaml")] if sharded else []
     args = [
         "fit",
         *small_ner_args(tiny_bert_dir, conll_small, steps=4),
         "--config",
         str(RECIPES / "strategies/multi-node.yaml"),
+        *fsdp2,
         "--trainer.devices=1",
         "--trainer.num_nodes=2",
         "--trainer.accelerator=cpu",
@@ -222,6 +227,7 @@ def test_two_nodes_with_torchrun(tiny_bert_dir: Path, conll_small: dict[str, Pat
     assert {r["world_size"] for r in records} == {2}
     assert {r["global_step"] for r in records} == {4}
     assert records[0]["digest"] == records[1]["digest"]
+    assert {r["strategy"] for r in records} == {"FSDP2Strategy" if sharded else "DDPStrategy"}
 
 
 def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(
