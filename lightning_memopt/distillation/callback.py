@@ -47,6 +47,7 @@ from lightning_memopt.distillation.checks import check_labels, check_tokenizers,
 from lightning_memopt.distillation.intermediate import LayerTransfer
 from lightning_memopt.distillation.losses import IGNORE_INDEX, check_alpha_temperature, soft_target_kl
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
+from lightning_memopt.distributed.support import unsupported_strategy
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -230,8 +231,7 @@ class KnowledgeDistillation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if any(base.__name__ in UNSUPPORTED_STRATEGIES for base in type(trainer.strategy).__mro__):
+        if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
             raise ValueError(
                 f"KnowledgeDistillation does not support {name} yet: its sharding would have to leave the teacher "
                 "out of the student's wrapping. Use --trainer.strategy ddp, or ModelParallelStrategy (FSDP2)."

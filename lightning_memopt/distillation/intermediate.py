@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.distillation.losses import attention_kl, hidden_state_mse
+from lightning_memopt.distillation.teacher import layer_count
 
 
 def _layers(config: Any, who: str) -> int:
-    for name in ("num_hidden_layers", "n_layers"):
-        if hasattr(config, name):
-            return int(getattr(config, name))
-    raise ValueError(f"The {who}'s config has no num_hidden_layers; intermediate-layer transfer needs one.")
+    counted = layer_count(config)
+    if counted is None:
+        raise ValueError(f"The {who}'s config has no num_hidden_layers; intermediate-layer transfer needs one.")
+    return counted[1]
 
 
 def _width(config: Any) -> int:

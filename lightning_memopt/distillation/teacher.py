@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_memopt.tasks.sources import PYPI_PREFIX, resolve_pretrained
+from lightning_memopt.tasks.sources import PYPI_PREFIX, resolve_pretrained, transformers_model_class
 
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
 
@@ -91,8 +91,8 @@ def _from_folder(name_or_path: str) -> nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
+    model_class = transformers_model_class(architectures[0] if architectures else None)
+    if model_class is None:
         raise ValueError(
             f"The teacher at {name_or_path!r} names no transformers model class in config.json (architectures="
             f"{architectures}); load it yourself and pass the nn.Module as teacher=."
@@ -109,11 +109,12 @@ def freeze(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def _num_layers(config: object) -> tuple[str, int]:
+def layer_count(config: object) -> tuple[str, int] | None:
+    """``(field, number of transformer layers)`` of a HF config (``num_hidden_layers``, DistilBERT's ``n_layers``)."""
     for name in ("num_hidden_layers", "n_layers"):
         if hasattr(config, name):
             return name, int(getattr(config, name))
-    raise ValueError(f"{type(config).__name__} has no num_hidden_layers/n_layers; cannot pick layers from it.")
+    return None
 
 
 def student_from_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
@@ -125,7 +126,10 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int]) -> nn.Module
     config = getattr(teacher, "config", None)
     if config is None:
         raise ValueError("student_from_teacher needs a Hugging Face model (with .config).")
-    layers_field, total = _num_layers(config)
+    counted = layer_count(config)
+    if counted is None:
+        raise ValueError(f"{type(config).__name__} has no num_hidden_layers/n_layers; cannot pick layers from it.")
+    layers_field, total = counted
     chosen = list(layers)
     if not chosen or sorted(set(chosen)) != chosen or chosen[0] < 0 or chosen[-1] >= total:
         raise ValueError(

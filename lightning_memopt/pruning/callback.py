@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_memopt.distributed.support import unsupported_strategy
 from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_sparsity
 from lightning_memopt.pruning.placement import full, place_like
 from lightning_memopt.pruning.schedules import ResolvedSchedule, ScheduleKind, SparsitySchedule, sparsity_at
@@ -61,8 +62,7 @@ UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 def refuse_unsupported_strategies(trainer: Trainer, callback: str) -> None:
     """Stop at setup, with what to use instead, on strategies whose flattened shards cannot be masked."""
-    name = type(trainer.strategy).__name__
-    if any(base.__name__ in UNSUPPORTED_STRATEGIES for base in type(trainer.strategy).__mro__):
+    if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
         raise ValueError(
             f"{callback} does not support {name}: it flattens parameters into shards that cannot be masked "
             "per weight. Use --trainer.strategy ddp, or ModelParallelStrategy (FSDP2, per-parameter sharding) "

@@ -75,10 +75,8 @@ def remove_units(model: nn.Module, group: UnitGroup, keep: Tensor) -> None:
         if piece.param.endswith(".bias"):
             continue  # sliced together with its weight
         path = piece.param.removesuffix(".weight")
-        parent, _, attribute = path.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        linear = getattr(owner, attribute)
-        setattr(owner, attribute, _slice_linear(linear, index.to(linear.weight.device), piece.dim))
+        linear = model.get_submodule(path)
+        model.set_submodule(path, _slice_linear(linear, index.to(linear.weight.device), piece.dim))
 
 
 def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_memopt.distributed.support import unsupported_strategy
 from lightning_memopt.pruning.selection import ModuleFilter, as_filter
 from lightning_memopt.quantization.modules import FakeQuantLinear, prepare
 
@@ -124,8 +125,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if any(base.__name__ in UNSUPPORTED_STRATEGIES for base in type(trainer.strategy).__mro__):
+        if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
             raise ValueError(
                 f"QuantizationAwareTraining does not support {name}: sharded parameters cannot be fake-quantized per "
                 "output channel yet. Use --trainer.strategy ddp (or one device)."

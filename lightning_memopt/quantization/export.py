@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_memopt.pruning.selection import ModuleFilter, default_filter
 from lightning_memopt.quantization.modules import FakeQuantLinear, Int8DynamicLinear
+from lightning_memopt.tasks.sources import transformers_model_class
 
 FORMAT = "lightning_memopt.int8-dynamic/1"
 WEIGHTS_FILE = "model.int8.safetensors"
@@ -43,11 +44,6 @@ class Int8Report:
     @property
     def ratio(self) -> float:
         return self.int8_weight_bytes / self.fp32_weight_bytes
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attribute, new)
 
 
 def convert_to_int8(
@@ -72,7 +68,7 @@ def convert_to_int8(
         layer = modules[name]
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear layer; only Linear layers become int8.")
-        _replace(model, name, Int8DynamicLinear.from_linear(layer, (scales or {}).get(name)))
+        model.set_submodule(name, Int8DynamicLinear.from_linear(layer, (scales or {}).get(name)))
     return chosen
 
 
@@ -111,15 +107,15 @@ def load_int8(folder: str | Path) -> nn.Module:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT!r}.")
-    model_class = getattr(transformers, meta["architecture"], None)
-    if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
+    model_class = transformers_model_class(meta["architecture"])
+    if model_class is None:
         raise ValueError(f"{meta_path} names {meta['architecture']!r}, which is not a transformers model class.")
     config = transformers.AutoConfig.from_pretrained(folder)
     model = model_class(config)
     modules = dict(model.named_modules())
     for name in meta["int8_layers"]:
         linear = modules[name]
-        _replace(model, name, Int8DynamicLinear(linear.in_features, linear.out_features, linear.bias is not None))
+        model.set_submodule(name, Int8DynamicLinear(linear.in_features, linear.out_features, linear.bias is not None))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
     return model.eval()
 

@@ -19,6 +19,22 @@ from pathlib import Path
 PYPI_PREFIX = "pypi:"
 
 
+def transformers_model_class(name: str | None) -> type | None:
+    """The ``transformers`` model class called ``name`` (as a config's ``architectures`` names it), or ``None``.
+
+    Only classes of the ``transformers`` package itself qualify: nothing is imported from a path in a file.
+
+    >>> transformers_model_class("BertForTokenClassification").__name__, transformers_model_class("os.system")
+    ('BertForTokenClassification', None)
+    """
+    import transformers
+
+    model_class = getattr(transformers, name, None) if name else None
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        return model_class
+    return None
+
+
 def _find_model_folder(root: Path) -> Path | None:
     """The shallowest folder under ``root`` that holds a ``config.json`` next to weights."""
     candidates = sorted(root.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
