@@ -250,17 +250,18 @@ class PruningScheduler(Callback):
         if self.structure == "unstructured":
             self.weights = select_weights(pl_module, self.module_filter)
             return
-        modules = dict(pl_module.named_modules())
+        every_group = find_unit_groups(pl_module, self.structure)
+        projections = {group.name: group.output.removesuffix(".weight") for group in every_group}
         groups = [
-            group
-            for group in find_unit_groups(pl_module, self.structure)
-            if self.module_filter(modules[group.output.removesuffix(".weight")], group.output.removesuffix(".weight"))
+            g
+            for g in every_group
+            if self.module_filter(pl_module.get_submodule(projections[g.name]), projections[g.name])
         ]
         if not groups:
             raise ValueError(
                 f"The modules filter selects none of the {self.structure.replace('_', ' and ')} of "
                 f"{type(pl_module).__name__}: it is matched against output projections such as "
-                f"{find_unit_groups(pl_module, self.structure)[0].output.removesuffix('.weight')!r}."
+                f"{projections[every_group[0].name]!r}."
             )
         self.groups = {group.name: group for group in groups}
         params = dict(pl_module.named_parameters())
