@@ -7,7 +7,6 @@ re-running this script.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from argparse import ArgumentParser
@@ -17,6 +16,7 @@ import torch
 from conftest import CONLL_LABELS, Interrupt
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from param_digest import tensor_digest
 
 from lightning_memopt import (
     FSDP2Strategy,
@@ -26,14 +26,6 @@ from lightning_memopt import (
     TokenClassificationModule,
 )
 from lightning_memopt.pruning.placement import full
-
-
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        hasher.update(name.encode())
-        hasher.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return hasher.hexdigest()
 
 
 def main() -> None:
@@ -76,9 +68,9 @@ def main() -> None:
         "sharded": all(type(p).__name__ == "DTensor" for p in module.parameters()),
         "sparsity": pruning.sparsity,
         "zeros": {name: float((w == 0).float().mean()) for name, w in weights.items()},
-        "masks": digest(pruning.masks),
+        "masks": tensor_digest(pruning.masks),
         "kept_units": {name: keep.tolist() for name, keep in pruning.kept_units.items()},
-        "params": digest(params),
+        "params": tensor_digest(params),
         "sharded_blocks": trainer.strategy.sharded_blocks,
     }
     if distillation is not None:
@@ -86,7 +78,7 @@ def main() -> None:
         record["teacher"] = {
             "sharded": any(type(p).__name__ == "DTensor" for p in teacher.parameters()),
             "inside_module": any(m is teacher for m in module.modules()),
-            "digest": digest(dict(teacher.named_parameters())),
+            "digest": tensor_digest(dict(teacher.named_parameters())),
             "train_kd": float(trainer.callback_metrics["train_kd"]),
         }
     Path(args.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
