@@ -7,6 +7,7 @@ Examples::
     memopt validate --config recipes/ner/conll2003.yaml --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt
     memopt export --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt --output_dir exported/ner
     memopt student --teacher runs/ner-conll2003/checkpoints/last.ckpt --layers [0,2,4] --output_dir students/ner-l3
+    memopt estimate --config recipes/ner/conll2003.yaml --trainer.devices 2 --device_memory 16GiB
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from lightning_memopt.tasks.modules import load_task_checkpoint
 DESCRIPTION = (
     "memopt: fit, validate or test with a recipe (memopt fit --config recipes/ner/conll2003.yaml); "
     "`memopt export --help` writes a checkpoint as a folder plain transformers loads; "
-    "`memopt student --help` makes a smaller student from a teacher's layers."
+    "`memopt student --help` makes a smaller student from a teacher's layers; "
+    "`memopt estimate --config ... [--device_memory 16GiB]` predicts per-device peak training memory."
 )
 
 
@@ -204,6 +206,13 @@ def student_command(argv: Sequence[str]) -> None:
     )
 
 
+def estimate_command(argv: Sequence[str]) -> None:
+    """``memopt estimate``: per-device peak training memory of a ``memopt fit`` config (see ``lightning_memopt.estimate``)."""
+    from lightning_memopt.estimate.command import estimate_command as run
+
+    run(argv)
+
+
 def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
     """Run the LightningCLI part of ``memopt`` (``fit``, ``validate``, ``test``, ``predict``).
 
@@ -224,7 +233,7 @@ def run_cli(args: Sequence[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``memopt`` console script."""
     given = list(sys.argv[1:] if argv is None else argv)
-    commands = {"export": export_command, "student": student_command}
+    commands = {"export": export_command, "student": student_command, "estimate": estimate_command}
     if given and given[0] in commands:
         commands[given[0]](given[1:])
         return

@@ -1,0 +1,177 @@
+"""One training step of a model simulated on the ``meta`` device: every tensor's bytes, none allocated.
+
+The model is built from its config on ``meta`` (no weights are read, nothing is allocated) and runs a
+forward pass, a backward pass and an optimizer step under PyTorch's ``MemTracker``, which follows the
+life of every tensor and records the largest total as parameters, gradients, optimizer state,
+activations and temporaries. It follows Lightning's automatic optimization, which clears the
+gradients after the forward pass (so the previous step's gradients live through it). The step is therefore exactly the model's own code: its attention
+implementation, its saved tensors, its activation checkpointing. The peak of each phase (forward,
+backward, optimizer step) is kept, because the strategies shard different parts of each.
+
+Example:
+    >>> from transformers import BertConfig
+    >>> config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    ...                     vocab_size=100, num_labels=3)
+    >>> step = simulate_step(config, "token-classification", batch_size=4, sequence_length=16)
+    >>> step.parameters == sum(p.numel() for p in meta_model(config, "token-classification").parameters()) * 4
+    True
+    >>> step.forward.activations > step.backward.activations > 0
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_memopt.distributed.fsdp2 import transformer_blocks
+
+Task = Literal["token-classification", "sequence-classification"]
+AUTO_CLASSES = {
+    "token-classification": "AutoModelForTokenClassification",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+CATEGORIES = {
+    "Parameter": "parameters",
+    "Buffer": "parameters",
+    "Gradient": "gradients",
+    "Optstate": "optimizer",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Other": "temporaries",
+}
+
+
+@dataclass(frozen=True)
+class PhasePeak:
+    """Bytes live at the largest moment of one phase, by kind."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    temporaries: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.temporaries
+
+
+@dataclass(frozen=True)
+class StepSimulation:
+    """A simulated training step: the peak of each phase and the sizes the strategies shard.
+
+    ``parameters``/``gradients``/``optimizer`` are the full (unsharded) sizes; ``largest_block`` and
+    ``outside_blocks`` are the parameter bytes of the largest transformer block and of everything
+    outside the blocks (embeddings, head), which a sharded strategy gathers whole.
+    """
+
+    forward: PhasePeak
+    backward: PhasePeak
+    optimizer_step: PhasePeak
+    parameters: int
+    gradients: int
+    optimizer: int
+    largest_block: int
+    outside_blocks: int
+    blocks: int
+    trainable_numels: tuple[int, ...] = ()
+    activation_checkpointing: bool = False
+
+
+def meta_model(config: object, task: Task) -> nn.Module:
+    """The task model for ``config`` (a ``transformers`` config) on the meta device, in training mode."""
+    import transformers
+
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    return model.train()
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _phase(snapshot: dict[str, int]) -> PhasePeak:
+    totals: dict[str, int] = {}
+    for key, size in snapshot.items():
+        if key in CATEGORIES:
+            name = CATEGORIES[key]
+            totals[name] = totals.get(name, 0) + size
+    return PhasePeak(**totals)
+
+
+def simulate_step(
+    config: object,
+    task: Task,
+    batch_size: int,
+    sequence_length: int,
+    dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+) -> StepSimulation:
+    """Simulate one training step of the ``task`` model for ``config`` on a ``batch_size`` x ``sequence_length`` batch.
+
+    ``activation_checkpointing`` wraps each transformer block in composable checkpointing, as
+    ``FSDP2Strategy(activation_checkpointing=True)`` does. ``optimizer`` is simulated with its real
+    PyTorch implementation (for 8-bit optimizers, see :func:`lightning_memopt.estimate.optimizer_state_bytes`).
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = meta_model(config, task).to(dtype)
+    blocks = [block for _, block in transformer_blocks(model)]
+    block_bytes = [_bytes(list(block.parameters())) for block in blocks]
+    parameters = _bytes(list(model.parameters()))
+    if activation_checkpointing:
+        for block in blocks:
+            checkpoint(block)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=1e-5)
+    ids = torch.zeros(batch_size, sequence_length, dtype=torch.long, device="meta")
+    label_shape = (batch_size, sequence_length) if task == "token-classification" else (batch_size,)
+    labels = torch.zeros(label_shape, dtype=torch.long, device="meta")
+
+    def forward() -> torch.Tensor:
+        # No attention mask: a full batch needs none, and the model's mask checks read values meta has not.
+        return model(input_ids=ids, labels=labels).loss
+
+    peaks: list[PhasePeak] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forward().backward()  # a first step creates the optimizer state and gradients, as on a real device
+        optim.step()
+        tracker = MemTracker()
+        # Lightning's order: the previous step's gradients live through the forward pass.
+        for phase in ("forward", "backward", "step"):
+            if phase == "backward":
+                optim.zero_grad(set_to_none=True)
+            tracker.track_external(model, optim)  # (again: leaving the tracker drops its gradient hooks)
+            with tracker:
+                if phase == "forward":
+                    loss = forward()
+                elif phase == "backward":
+                    loss.backward()
+                    del loss
+                else:
+                    optim.step()
+            peaks.append(_phase(tracker.get_tracker_snapshot("peak")[torch.device("meta")]))
+    state = [v for s in optim.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return StepSimulation(
+        forward=peaks[0],
+        backward=peaks[1],
+        optimizer_step=peaks[2],
+        parameters=parameters,
+        gradients=_bytes(trainable),
+        optimizer=_bytes(state),
+        largest_block=max(block_bytes, default=0),
+        outside_blocks=parameters - sum(block_bytes),
+        blocks=len(blocks),
+        trainable_numels=tuple(p.numel() for p in trainable),
+        activation_checkpointing=activation_checkpointing,
+    )

@@ -1,0 +1,178 @@
+"""The memory estimator: the meta-device simulation, the strategy arithmetic and ``memopt estimate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import BertConfig, BertForTokenClassification
+
+from lightning_memopt.cli import main
+from lightning_memopt.estimate.command import parse_size
+from lightning_memopt.estimate.simulation import simulate_step
+from lightning_memopt.estimate.strategies import (
+    optimizer_state_bytes,
+    optimizer_step_temporaries,
+    per_device_peak,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+CONFIG = BertConfig(
+    vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, num_labels=5
+)
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def real_saved_activation_bytes(batch: int, sequence: int) -> int:
+    """Bytes the real CPU model saves for backward (distinct storages, parameters excluded)."""
+    torch.manual_seed(0)
+    model = BertForTokenClassification(CONFIG).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, 500, (batch, sequence))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=torch.randint(0, 5, (batch, sequence)))
+    return sum(seen.values())
+
+
+def test_simulated_state_matches_a_real_model_and_optimizer() -> None:
+    step = simulate_step(CONFIG, "token-classification", batch_size=4, sequence_length=32)
+    model = BertForTokenClassification(CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.randint(0, 500, (4, 32)), labels=torch.zeros(4, 32, dtype=torch.long)).loss.backward()
+    optimizer.step()
+    state = [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
+    assert step.parameters == step.gradients == tensor_bytes(list(model.parameters()))
+    assert step.optimizer == tensor_bytes(state)
+    assert step.blocks == 3
+    assert step.largest_block == tensor_bytes(list(model.bert.encoder.layer[0].parameters()))
+    assert step.outside_blocks == step.parameters - 3 * step.largest_block
+    # Lightning's order: the previous step's gradients are alive at the forward peak.
+    assert step.forward.gradients == step.gradients and step.forward.optimizer == step.optimizer
+
+
+def test_simulated_activations_follow_the_real_saved_tensors() -> None:
+    for batch, sequence in [(2, 16), (4, 64)]:
+        simulated = simulate_step(CONFIG, "token-classification", batch, sequence).forward.activations
+        real = real_saved_activation_bytes(batch, sequence)
+        assert abs(simulated / real - 1) < 0.1, (batch, sequence, simulated, real)
+
+
+def test_checkpointing_and_batch_size_change_activations_as_expected() -> None:
+    plain = simulate_step(CONFIG, "token-classification", 4, 64)
+    double = simulate_step(CONFIG, "token-classification", 8, 64)
+    checkpointed = simulate_step(CONFIG, "token-classification", 4, 64, activation_checkpointing=True)
+    assert 1.8 < double.forward.activations / plain.forward.activations < 2.1
+    assert checkpointed.forward.activations < plain.forward.activations / 3
+
+
+def test_sentence_classification_is_simulated_with_its_own_head() -> None:
+    from transformers import BertForSequenceClassification
+
+    sentence = simulate_step(CONFIG, "sequence-classification", 4, 64)
+    assert sentence.parameters == tensor_bytes(list(BertForSequenceClassification(CONFIG).parameters()))
+    assert sentence.forward.activations > 0
+
+
+def test_eight_bit_state_formula_matches_bitsandbytes() -> None:
+    params = [torch.nn.Parameter(torch.randn(300, 100)), torch.nn.Parameter(torch.randn(50))]
+    optimizer = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    real = sum(tensor_bytes([v]) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    assert optimizer_state_bytes([p.numel() for p in params], "adamw8bit") == real
+    assert optimizer_state_bytes([30000, 50], "adamw") == 8 * 30050
+    assert optimizer_step_temporaries([30000, 50], "adamw8bit", "cpu") == 5 * 4 * 30000
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam9'"):
+        optimizer_state_bytes([1], "adam9")
+
+
+def test_strategies_shard_what_they_promise() -> None:
+    step = simulate_step(CONFIG, "token-classification", 4, 32)
+    single = per_device_peak(step, "single", 1)
+    ddp = per_device_peak(step, "ddp", 2)
+    assert ddp["strategy buffers"] == step.gradients and ddp["peak"] == single["peak"] + step.gradients
+    zero = {stage: per_device_peak(step, stage, 4) for stage in ("zero1", "zero2", "zero3")}
+    assert zero["zero1"]["optimizer"] == step.optimizer // 4
+    assert zero["zero2"]["peak"] < zero["zero1"]["peak"] < single["peak"]
+    gathered = step.outside_blocks + 2 * step.largest_block  # what a sharded device gathers whole
+    assert (
+        zero["zero3"]["parameters"]
+        == per_device_peak(step, "fsdp2", 4)["parameters"]
+        == step.parameters // 4 + gathered
+    )
+    assert per_device_peak(step, "fsdp2", 1)["peak"] == single["peak"]
+    with pytest.raises(ValueError, match="cannot run on 2 devices"):
+        per_device_peak(step, "single", 2)
+    with pytest.raises(ValueError, match="Unknown strategy 'zero4'"):
+        per_device_peak(step, "zero4", 2)  # type: ignore[arg-type]
+
+
+def test_parse_size() -> None:
+    assert parse_size("16GiB") == 16 * 2**30 and parse_size("512 MiB") == 512 * 2**20 and parse_size("80GB") == 80e9
+    with pytest.raises(ValueError, match="--device_memory='lots'"):
+        parse_size("lots")
+
+
+def estimate_args(model_dir: Path, *extra: str) -> list[str]:
+    return [
+        "estimate",
+        "--config",
+        str(RECIPES / "ner/conll2003.yaml"),
+        f"--model.model_name_or_path={model_dir}",
+        "--data.batch_size=4",
+        "--data.max_length=32",
+        "--trainer.accelerator=cpu",
+        *extra,
+    ]
+
+
+def test_memopt_estimate_prints_table_breakdown_and_recommendation(
+    tiny_bert_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main(
+        estimate_args(
+            tiny_bert_dir,
+            "--config",
+            str(RECIPES / "strategies/fsdp2.yaml"),
+            "--trainer.devices=2",
+            "--device_memory=1MiB",
+        )
+    )
+    out = capsys.readouterr().out
+    assert "batch 4 x 32 tokens per device" in out and "2 device(s) in all" in out
+    for row in ("single / ddp", "zero1", "zero2", "zero3", "fsdp2 + checkpointing"):
+        assert f"\n{row} " in out
+    assert "Your setting: fsdp2 on 2 device(s)" in out
+    assert "optimizer state (adamw, float32)" in out
+    assert "Nothing fits 1 MiB per device" in out  # a 4 MiB model cannot fit in 1 MiB
+
+    main(estimate_args(tiny_bert_dir, "--device_memory=1GiB"))
+    assert "Cheapest setting that fits 1.0 GiB per device as configured: single / ddp" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device_memory=lots"], "--device_memory='lots' is not a size"),
+        (["--trainer.strategy=xla"], "does not know --trainer.strategy='xla'"),
+        (["--model.model_name_or_path=/no/such/model"], "--model.model_name_or_path='/no/such/model'"),
+    ],
+)
+def test_memopt_estimate_errors_name_the_option(tiny_bert_dir: Path, extra: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match="memopt estimate: error: ") as raised:
+        main(estimate_args(tiny_bert_dir, *extra))
+    assert message in str(raised.value)
