@@ -164,7 +164,11 @@ def fit_tiny_ner(
     data = TokenClassificationDataModule(train_file=str(train_file), batch_size=16)
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=save_every)
     trainer = quiet_trainer(
-        max_steps=max_steps, default_root_dir=root, plugins=[AtomicCheckpointIO()], callbacks=[checkpoint, *callbacks]
+        max_steps=max_steps,
+        max_epochs=100,  # as in the recipes: Lightning then builds the training loader before it restores
+        default_root_dir=root,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoint, *callbacks],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer

@@ -276,10 +276,10 @@ class TransformerDataModule(LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableShuffleSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed)
-        done = batches_done_this_epoch(trainer)
-        if done:
-            sampler.resume(epoch=trainer.current_epoch, samples_done=done * self.batch_size)
-            log.info("Resuming epoch %d after its first %d batches.", trainer.current_epoch, done)
+        if trainer is not None:
+            sampler.resume_when_iterated(
+                lambda: (trainer.current_epoch, batches_done_this_epoch(trainer) * self.batch_size)
+            )
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         return DataLoader(
             self.datasets["train"],

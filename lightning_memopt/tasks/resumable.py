@@ -17,25 +17,45 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import logging
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 from torch.utils.data import DistributedSampler
 
+log = logging.getLogger(__name__)
+
 
 class ResumableShuffleSampler(DistributedSampler):
-    """Seeded per-epoch shuffling split across ranks, able to skip the samples already trained on."""
+    """Seeded per-epoch shuffling split across ranks, able to skip the samples already trained on.
+
+    The position to resume from is either given (:meth:`resume`) or asked for when the first pass
+    starts (:meth:`resume_when_iterated`): Lightning may build the training loader before it restores
+    the checkpoint (to count the steps of a run for the learning-rate schedule), so the restored
+    progress is only known by the time batches are drawn.
+    """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.resume_epoch = -1
         self.samples_done = 0
+        self.progress: Callable[[], tuple[int, int]] | None = None
 
     def resume(self, epoch: int, samples_done: int) -> None:
         """On its next pass through ``epoch``, start after the first ``samples_done`` samples of this rank."""
         self.resume_epoch, self.samples_done = epoch, samples_done
 
+    def resume_when_iterated(self, progress: Callable[[], tuple[int, int]]) -> None:
+        """Call ``progress() -> (epoch, samples_done)`` when the first pass starts and :meth:`resume` from there."""
+        self.progress = progress
+
     def __iter__(self) -> Iterator[int]:
+        if self.progress is not None:
+            epoch, samples_done = self.progress()
+            self.progress = None
+            if samples_done:
+                self.resume(epoch, samples_done)
+                log.info("Resuming epoch %d after its first %d samples.", epoch, samples_done)
         indices = list(super().__iter__())
         if self.epoch == self.resume_epoch:
             indices = indices[self.samples_done :]
