@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -27,6 +26,7 @@ from typing_extensions import override
 from lightning_memopt.checkpoint_reading import read_checkpoint
 from lightning_memopt.tasks.entity_f1 import EntityF1
 from lightning_memopt.tasks.optim import build_adamw, check_optimizer, linear_warmup_decay
+from lightning_memopt.tasks.resumable import restore_rng_state, rng_states_of_all_ranks
 from lightning_memopt.tasks.sources import resolve_pretrained
 
 TASK_KEY = "memopt_task"
@@ -164,7 +164,7 @@ class TransformerTaskModule(LightningModule):
         # FSDP2 swaps the class for a subclass (FSDPTokenClassificationModule): record ours.
         checkpoint[TASK_KEY] = next((c.__name__ for c in type(self).__mro__ if c.__name__ in TASK_CLASSES), None)
         # Dropout draws from these: restoring them makes a resumed run continue like an uninterrupted one.
-        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        checkpoint[RNG_KEY] = rng_states_of_all_ranks()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -175,8 +175,7 @@ class TransformerTaskModule(LightningModule):
                 "use the checkpoint's label list (or start a new run instead of resuming)."
             )
         if (rng := checkpoint.get(RNG_KEY)) is not None:
-            torch.set_rng_state(rng["torch"])
-            random.setstate((3, tuple(rng["python"]), None))
+            restore_rng_state(rng, self.global_rank)
 
     def export_pretrained(self, output_dir: str | Path) -> Path:
         """Write model, config (with label names) and tokenizer to a folder ``from_pretrained`` loads."""

@@ -72,3 +72,35 @@ def batches_done_this_epoch(trainer: Any) -> int:
     if trainer is None:
         return 0
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def rng_states_of_all_ranks() -> list[dict[str, Any]]:
+    """This process's torch and Python random states, gathered from every rank (one entry per rank).
+
+    Dropout draws from these, and each rank draws a different amount (its batches have their own
+    padded lengths), so a resumed run needs every rank's own state back, not rank 0's.
+    Called on all ranks at once, as Lightning saves checkpoints.
+    """
+    import random
+
+    import torch
+    import torch.distributed as dist
+
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng_state(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> None:
+    """Restore the random states :func:`rng_states_of_all_ranks` saved for ``rank`` (rank 0's if it has none)."""
+    import random
+
+    import torch
+
+    states = [saved] if isinstance(saved, dict) else saved  # checkpoints before 0.1.1 hold rank 0's only
+    state = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
