@@ -2,7 +2,7 @@
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.distillation import KnowledgeDistillation
-from lightning_memopt.distributed import FSDP2Strategy, MemoryMonitor
+from lightning_memopt.distributed import FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
 from lightning_memopt.quantization import QuantizationAwareTraining
 from lightning_memopt.tasks import (
@@ -28,5 +28,6 @@ __all__ = [
     "SequenceClassificationModule",
     "TokenClassificationDataModule",
     "TokenClassificationModule",
+    "ZeROStrategy",
     "load_task_checkpoint",
 ]

@@ -43,3 +43,14 @@ class ParameterDigest(Callback):
             "callbacks": {type(c).__name__: tensor_digest(c.state_dict()) for c in trainer.callbacks if c.state_dict()},
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class KillAfterStep(Callback):
+    """Stop the process after a given optimizer step, as a pre-empted job is killed (exit code 3)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise SystemExit(3)

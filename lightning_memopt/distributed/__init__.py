@@ -1,11 +1,13 @@
-"""Distributed wiring and memory accounting: the FSDP2 preset and the memory monitor."""
+"""Distributed wiring and memory accounting: the FSDP2 and DeepSpeed ZeRO presets and the memory monitor."""
 
 from lightning_memopt.distributed.fsdp2 import FSDP2Strategy, shard_transformer, transformer_blocks
 from lightning_memopt.distributed.memory_monitor import MemoryMonitor, model_state_bytes, optimizer_state_bytes
+from lightning_memopt.distributed.zero import ZeROStrategy
 
 __all__ = [
     "FSDP2Strategy",
     "MemoryMonitor",
+    "ZeROStrategy",
     "model_state_bytes",
     "optimizer_state_bytes",
     "shard_transformer",
