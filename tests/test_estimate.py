@@ -16,6 +16,7 @@ from lightning_memopt.estimate.strategies import (
     optimizer_state_bytes,
     optimizer_step_temporaries,
     per_device_peak,
+    zero_bucket_bytes,
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -121,6 +122,14 @@ def test_strategies_shard_what_they_promise() -> None:
         per_device_peak(step, "zero4", 2)  # type: ignore[arg-type]
 
 
+def test_zero_keeps_a_float32_slice_and_buckets() -> None:
+    step = simulate_step(CONFIG, "token-classification", 4, 32)
+    buckets = zero_bucket_bytes(step, 1000, "cuda")
+    assert buckets == 2 * 1000 * 4 and zero_bucket_bytes(step, 10**9, "cpu") == step.gradients
+    zero2 = per_device_peak(step, "zero2", 2, zero_bucket_bytes=buckets)
+    assert zero2["strategy buffers"] == step.parameters // 2 + buckets
+
+
 def test_parse_size() -> None:
     assert parse_size("16GiB") == 16 * 2**30 and parse_size("512 MiB") == 512 * 2**20 and parse_size("80GB") == 80e9
     with pytest.raises(ValueError, match="--device_memory='lots'"):
@@ -154,7 +163,7 @@ def test_memopt_estimate_prints_table_breakdown_and_recommendation(
     )
     out = capsys.readouterr().out
     assert "batch 4 x 32 tokens per device" in out and "2 device(s) in all" in out
-    for row in ("single / ddp", "zero1", "zero2", "zero3", "fsdp2 + checkpointing"):
+    for row in ("single / ddp", "zero1", "zero2", "zero3", "fsdp2 + checkpointing", "zero3 + checkpointing"):
         assert f"\n{row} " in out
     assert "Your setting: fsdp2 on 2 device(s)" in out
     assert "optimizer state (adamw, float32)" in out

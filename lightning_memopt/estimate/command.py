@@ -19,15 +19,18 @@ from typing import Any
 
 import torch
 
+from lightning_memopt.distributed.zero import DEFAULT_BUCKET
 from lightning_memopt.estimate.simulation import StepSimulation, Task, simulate_step
 from lightning_memopt.estimate.strategies import (
     Strategy,
     optimizer_state_bytes,
     optimizer_step_temporaries,
     per_device_peak,
+    zero_bucket_bytes,
 )
 
 MIB = 2**20
+LIGHTNING_DEEPSPEED_BUCKET = 200_000_000  # DeepSpeedStrategy's reduce_bucket_size
 TASKS: dict[str, Task] = {
     "TokenClassificationModule": "token-classification",
     "SequenceClassificationModule": "sequence-classification",
@@ -42,6 +45,7 @@ SETTINGS: tuple[tuple[Strategy, bool], ...] = (
     ("fsdp2", False),
     ("zero3", False),
     ("fsdp2", True),
+    ("zero3", True),
 )
 STRATEGY_NAMES: dict[str, Strategy] = {
     "ddp": "ddp",
@@ -93,6 +97,7 @@ class Setup:
     precision: str
     optimizer: str
     device: str = "cpu"
+    zero_bucket: int = DEFAULT_BUCKET
 
 
 def _name(value: Any) -> str:
@@ -137,14 +142,20 @@ def setup_from_config(config: Any) -> Setup:
         strategy: Strategy = "single" if devices == 1 else "ddp"
     elif strategy_name in STRATEGY_NAMES:
         strategy = STRATEGY_NAMES[strategy_name]
-    elif strategy_name == "DeepSpeedStrategy":
+    elif strategy_name in ("DeepSpeedStrategy", "ZeROStrategy"):
         strategy = f"zero{trainer.strategy.init_args.stage}"  # type: ignore[assignment]
     else:
         raise ValueError(
             f"memopt estimate does not know --trainer.strategy={strategy_name!r}; "
-            f"it knows auto, {', '.join(STRATEGY_NAMES)} and DeepSpeedStrategy."
+            f"it knows auto, {', '.join(STRATEGY_NAMES)}, DeepSpeedStrategy and ZeROStrategy."
         )
     init_args = getattr(trainer.strategy, "init_args", None)
+    if strategy_name == "ZeROStrategy":
+        bucket = int(init_args.bucket_size)
+    elif strategy_name.startswith(("deepspeed", "DeepSpeed")):
+        bucket = int(getattr(init_args, "reduce_bucket_size", LIGHTNING_DEEPSPEED_BUCKET))
+    else:
+        bucket = DEFAULT_BUCKET
     precision = str(trainer.precision or "32-true")
     if precision not in PRECISIONS and precision not in MIXED:
         raise ValueError(f"memopt estimate does not know --trainer.precision={precision!r}.")
@@ -161,6 +172,7 @@ def setup_from_config(config: Any) -> Setup:
         precision=precision,
         optimizer=model_args.optimizer,
         device=_device_type(trainer.accelerator),
+        zero_bucket=bucket,
     )
 
 
@@ -184,11 +196,12 @@ def _peak(step: StepSimulation, setup: Setup, strategy: Strategy, devices: int) 
     if strategy == "single" and devices > 1:
         strategy = "ddp"
     element_size = torch.finfo(PRECISIONS.get(setup.precision, torch.float32)).bits // 8
+    buckets = zero_bucket_bytes(step, setup.zero_bucket, setup.device)
     if setup.optimizer == "adamw":
-        return per_device_peak(step, strategy, devices)
+        return per_device_peak(step, strategy, devices, zero_bucket_bytes=buckets)
     state = optimizer_state_bytes(step.trainable_numels, setup.optimizer, element_size)
     temporaries = optimizer_step_temporaries(step.trainable_numels, setup.optimizer, setup.device)
-    return per_device_peak(step, strategy, devices, state, temporaries)
+    return per_device_peak(step, strategy, devices, state, temporaries, buckets)
 
 
 def _label(strategy: Strategy, checkpointing: bool) -> str:

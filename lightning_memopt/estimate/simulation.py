@@ -81,6 +81,7 @@ class StepSimulation:
     blocks: int
     trainable_numels: tuple[int, ...] = ()
     activation_checkpointing: bool = False
+    element_size: int = 4
 
 
 def meta_model(config: object, task: Task) -> nn.Module:
@@ -173,5 +174,6 @@ def simulate_step(
         outside_blocks=parameters - sum(block_bytes),
         blocks=len(blocks),
         trainable_numels=tuple(p.numel() for p in trainable),
+        element_size=torch.finfo(dtype).bits // 8,
         activation_checkpointing=activation_checkpointing,
     )

@@ -7,7 +7,9 @@ trains alone. The strategies change who holds what:
 - ``ddp``: everything, plus DDP's gradient buckets (a second copy of the gradients, Lightning's default
   ``gradient_as_bucket_view=False``).
 - ``zero1`` / ``zero2`` / ``zero3`` (DeepSpeed ZeRO stages): optimizer state, then also gradients, then
-  also parameters, split over the N devices (Rajbhandari et al., 2020).
+  also parameters, split over the N devices (Rajbhandari et al., 2020). DeepSpeed also keeps a float32
+  copy of each device's parameter slice for the optimizer (even when training in float32) and gradient
+  buckets waiting to be reduced (``zero_bucket_bytes``).
 - ``fsdp2``: parameters, gradients and optimizer state split over N devices (like ZeRO-3); each device
   gathers what lies outside the blocks (embeddings, head) for the whole step and up to two blocks at a
   time (the one computing and the one prefetched), and holds one block's unsharded gradients while they
@@ -80,18 +82,34 @@ def optimizer_step_temporaries(numels: Sequence[int], optimizer: str, device: st
     return BNB_CPU_STEP_COPIES * 4 * max(numels, default=0)
 
 
+def zero_bucket_bytes(step: StepSimulation, bucket_elements: int, device: str) -> int:
+    """Memory of DeepSpeed's two gradient buckets (``reduce_bucket_size`` elements each, overlapping
+    communication): on CUDA the whole allocation counts; on CPU only the pages written, at most the
+    gradients themselves.
+
+    >>> from lightning_memopt.estimate.simulation import PhasePeak, StepSimulation
+    >>> step = StepSimulation(PhasePeak(), PhasePeak(), PhasePeak(), 4000, 4000, 8000, 100, 400, 3)
+    >>> zero_bucket_bytes(step, 10_000, "cuda"), zero_bucket_bytes(step, 10_000, "cpu")
+    (80000, 4000)
+    """
+    allocated = 2 * bucket_elements * step.element_size
+    return allocated if device != "cpu" else min(allocated, step.gradients)
+
+
 def per_device_peak(
     step: StepSimulation,
     strategy: Strategy,
     devices: int,
     optimizer_state: int | None = None,
     step_temporaries: int = 0,
+    zero_bucket_bytes: int = 0,
 ) -> dict[str, int]:
     """The peak bytes one of ``devices`` data-parallel devices holds under ``strategy``, by kind.
 
     ``optimizer_state`` and ``step_temporaries`` replace the simulated optimizer's state and step
     temporaries (for optimizers that cannot run on the meta device, such as bitsandbytes' 8-bit AdamW;
-    see :func:`optimizer_state_bytes` and :func:`optimizer_step_temporaries`).
+    see :func:`optimizer_state_bytes` and :func:`optimizer_step_temporaries`). ``zero_bucket_bytes`` is
+    the memory DeepSpeed's gradient buckets occupy (see :func:`zero_bucket_bytes`).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
@@ -113,6 +131,8 @@ def per_device_peak(
     if shards_grads:  # reduced to shards as they come, but one block's are whole until reduced
         backward_grads = backward_grads // n + min(backward_grads, step.largest_block)
     buffers = step.gradients if strategy == "ddp" else 0
+    if strategy.startswith("zero"):
+        buffers = step.parameters // n * 4 // step.element_size + zero_bucket_bytes
     phases = [
         (params, grads, sharded_state, step.forward),  # the previous step's gradients are still there
         (params, backward_grads, sharded_state, step.backward),
