@@ -2,7 +2,7 @@
 
 from lightning_memopt.checkpoint_io import AtomicCheckpointIO
 from lightning_memopt.distillation import KnowledgeDistillation
-from lightning_memopt.distributed import FSDP2Strategy, MemoryMonitor, ZeROStrategy
+from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
 from lightning_memopt.quantization import QuantizationAwareTraining
 from lightning_memopt.tasks import (
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AtomicCheckpointIO",
     "EntityF1",
+    "FSDP1Strategy",
     "FSDP2Strategy",
     "KnowledgeDistillation",
     "MemoryMonitor",

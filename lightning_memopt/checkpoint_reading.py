@@ -1,4 +1,4 @@
-"""Read a Lightning checkpoint as one dict: a single file, or the sharded folder FSDP2 or DeepSpeed writes.
+"""Read a Lightning checkpoint as one dict: a single file, or the sharded folder FSDP1/2 or DeepSpeed writes.
 
 ``ModelParallelStrategy`` (and our ``FSDP2Strategy``) save checkpoints as folders: the tensors in
 ``torch.distributed.checkpoint`` shards, the rest of the state in ``meta.pt``. Exporting, distilling
@@ -49,7 +49,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         with tempfile.TemporaryDirectory() as folder:
             dcp_to_torch_save(path, Path(folder) / "gathered.pt")
             gathered = torch.load(Path(folder) / "gathered.pt", map_location=map_location, weights_only=True)
-        checkpoint["state_dict"] = gathered["state_dict"]
+        # ModelParallelStrategy (FSDP2) stores the module under "state_dict", FSDPStrategy (FSDP1) under "model".
+        checkpoint["state_dict"] = gathered["state_dict"] if "state_dict" in gathered else gathered["model"]
     return checkpoint
 
 

@@ -60,7 +60,7 @@ class FinalLastCheckpoint(Callback):
         for callback in trainer.checkpoint_callbacks:
             if callback.save_last and callback.dirpath:
                 path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)
                 callback.last_model_path = str(path)
 
 

@@ -1,4 +1,5 @@
-"""``ZeROStrategy``: DeepSpeed ZeRO stages 1-3 train the NER recipe on two CPU processes, resume and export."""
+"""``ZeROStrategy`` (DeepSpeed ZeRO 1-3) and ``FSDP1Strategy`` train the NER recipe on two CPU processes, resume
+exactly after a kill, and export."""
 
 from __future__ import annotations
 
@@ -17,25 +18,36 @@ from lightning_memopt.checkpoint_reading import read_checkpoint
 pytestmark = pytest.mark.slow
 
 
+TWO_CPUS = ["--trainer.devices=2", "--trainer.accelerator=cpu"]
+
+
 def zero_args(stage: int) -> list[str]:
-    return [
-        "--config",
-        str(RECIPES / f"strategies/zero{stage}.yaml"),
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.strategy.init_args.bucket_size=1000000",
-    ]
+    overlay = ["--config", str(RECIPES / f"strategies/zero{stage}.yaml")]
+    return [*overlay, *TWO_CPUS, "--trainer.strategy.init_args.bucket_size=1000000"]
+
+
+def fsdp1_args(state_dict_type: str) -> list[str]:
+    overlay = ["--config", str(RECIPES / "strategies/fsdp1.yaml")]
+    return [*overlay, *TWO_CPUS, f"--trainer.strategy.init_args.state_dict_type={state_dict_type}"]
+
+
+CHECKPOINTING = "--trainer.strategy.init_args.activation_checkpointing=true"
+PRESETS = {
+    "zero1": zero_args(1),
+    "zero3": zero_args(3),
+    "fsdp1-sharded-checkpointing": [*fsdp1_args("sharded"), CHECKPOINTING],
+}
 
 
 def last_checkpoint(root: Path) -> Path:
     return root / "runs/ner-conll2003/checkpoints/last.ckpt"
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero_run_killed_mid_training_resumes_to_the_uninterrupted_weights(
-    stage: int, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("preset", PRESETS)
+def test_run_killed_mid_training_resumes_to_the_uninterrupted_weights(
+    preset: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=6), *zero_args(stage)]
+    args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=6), *PRESETS[preset]]
     for run in ("straight", "resumed"):
         (tmp_path / run).mkdir()
     memopt(args, cwd=tmp_path / "straight")
@@ -60,13 +72,15 @@ def test_zero_run_killed_mid_training_resumes_to_the_uninterrupted_weights(
         assert torch.equal(tensor, again["state_dict"][name]), name
 
 
-def test_zero2_with_activation_checkpointing_trains_and_exports(
-    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
-) -> None:
-    args = [*small_ner_args(tiny_bert_dir, conll_small, steps=3), *zero_args(2)]
-    memopt(["fit", *args, "--trainer.strategy.init_args.activation_checkpointing=true"], cwd=tmp_path)
+@pytest.mark.parametrize("preset", ["zero2-checkpointing", "fsdp1-full-checkpointing"])
+def test_trains_and_exports(preset: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
+    overlay = zero_args(2) if preset.startswith("zero2") else fsdp1_args("full")
+    memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=3), *overlay, CHECKPOINTING], cwd=tmp_path)
     last = last_checkpoint(tmp_path)
-    assert (last / "latest").read_text().strip() == "checkpoint"
+    if preset.startswith("zero2"):
+        assert (last / "latest").read_text().strip() == "checkpoint"
+    else:
+        assert last.is_file()  # one full checkpoint, gathered on rank 0
     memopt(["export", f"--ckpt_path={last}", "--output_dir=exported"], cwd=tmp_path)
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported")
     weight = read_checkpoint(last)["state_dict"]["model.bert.encoder.layer.1.output.dense.weight"]
@@ -80,17 +94,19 @@ def test_zero_options_are_checked_early() -> None:
         ZeROStrategy(stage=1, offload=True)
 
 
-def test_zero_offload_on_cpu_is_refused_before_training(
-    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        ([*zero_args(2), "--trainer.strategy.init_args.offload=true"], "ZeROStrategy(offload=True) needs CUDA devices"),
+        ([*fsdp1_args("sharded"), "--trainer.strategy.init_args.cpu_offload=true"], "cpu_offload=True) needs CUDA"),
+    ],
+)
+def test_offload_on_cpu_is_refused_before_training(
+    overlay: list[str], message: str, tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    args = [
-        "fit",
-        *small_ner_args(tiny_bert_dir, conll_small, steps=2),
-        *zero_args(2),
-        "--trainer.strategy.init_args.offload=true",
-    ]
+    args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=2), *overlay]
     result = subprocess.run(
         [*MEMOPT, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0
-    assert "ZeROStrategy(offload=True) needs CUDA devices" in result.stderr
+    assert message in result.stderr
