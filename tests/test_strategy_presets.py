@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from conftest import MEMOPT, subprocess_env
 from test_cli import RECIPES, memopt, small_ner_args
 from transformers import AutoModelForTokenClassification
 
-from lightning_memopt import ZeROStrategy
+from lightning_memopt import FSDP1Strategy, FSDP2Strategy, ZeROStrategy
 from lightning_memopt.checkpoint_reading import read_checkpoint
+from lightning_memopt.tasks.optim import check_optimizer_strategy
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +112,12 @@ def test_offload_on_cpu_is_refused_before_training(
     )
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("strategy", [FSDP1Strategy, FSDP2Strategy])
+def test_eight_bit_optimizers_are_refused_under_fsdp(strategy: type) -> None:
+    trainer = SimpleNamespace(strategy=strategy())
+    with pytest.raises(ValueError, match=f"adamw8bit cannot run under {strategy.__name__}.*ZeROStrategy"):
+        check_optimizer_strategy("adamw8bit", trainer)
+    check_optimizer_strategy("adamw", trainer)
+    check_optimizer_strategy("paged_adamw8bit", SimpleNamespace(strategy=ZeROStrategy(stage=3)))

@@ -12,9 +12,12 @@ Example:
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_memopt.distributed.support import unsupported_strategy
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -40,6 +43,25 @@ def check_optimizer(kind: str) -> str:
     if kind not in OPTIMIZERS:
         raise ValueError(f"--model.optimizer={kind!r} is not one of {OPTIMIZERS}.")
     return kind
+
+
+# Sharded strategies whose parameters bitsandbytes' kernels cannot take (DTensor shards, flat parameters).
+SHARDS_FOR_8BIT = ("FSDPStrategy", "ModelParallelStrategy")
+
+
+def check_optimizer_strategy(kind: str, trainer: Any) -> None:
+    """Refuse, before training, an 8-bit optimizer under a strategy where it fails at the first step.
+
+    >>> from types import SimpleNamespace
+    >>> from lightning.pytorch.strategies import DDPStrategy
+    >>> check_optimizer_strategy("adamw8bit", SimpleNamespace(strategy=DDPStrategy()))  # fine
+    """
+    if kind != "adamw" and (name := unsupported_strategy(trainer, SHARDS_FOR_8BIT)):
+        raise ValueError(
+            f"--model.optimizer={kind} cannot run under {name}: bitsandbytes' 8-bit kernels take whole tensors, "
+            "and FSDP hands the optimizer shards. Use --model.optimizer adamw with FSDP, or keep adamw8bit with "
+            "DDP or ZeROStrategy (DeepSpeed runs it at stages 1-3)."
+        )
 
 
 def build_adamw(
