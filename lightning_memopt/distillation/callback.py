@@ -48,9 +48,11 @@ from lightning_memopt.distillation.intermediate import LayerTransfer
 from lightning_memopt.distillation.losses import IGNORE_INDEX, check_alpha_temperature, soft_target_kl
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
 from lightning_memopt.distributed.support import unsupported_strategy
+from lightning_memopt.quantization.frozen import quantize_frozen
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+FROZEN_BITS = ("int8", "nf4")
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
@@ -161,7 +163,9 @@ class KnowledgeDistillation(Callback):
             their MSE (0 = off); a projection is learned when the widths differ.
         attention_layers / attention_weight: ``{student layer: teacher layer}`` and the weight of their
             attention-distribution KL (0 = off).
-        teacher_precision: ``"32"``, ``"bf16"`` or ``"16"`` to cast the teacher; ``None`` keeps its dtype.
+        teacher_precision: ``"32"``, ``"bf16"`` or ``"16"`` to cast the teacher; ``"int8"`` or ``"nf4"`` to keep
+            its Linear weights in 8 or 4 bits with bitsandbytes (:func:`~lightning_memopt.quantization.frozen.quantize_frozen`;
+            the task head stays float32); ``None`` keeps its dtype.
         student_module: name of the submodule whose output holds the student's logits (``""`` for the
             LightningModule itself); ``None`` finds the first Hugging Face model with a task head.
         student_tokenizer: tokenizer to compare with the teacher's on a probe text; ``None`` uses the
@@ -185,7 +189,7 @@ class KnowledgeDistillation(Callback):
         hidden_weight: float = 0.0,
         attention_layers: dict[int, int] | None = None,
         attention_weight: float = 0.0,
-        teacher_precision: Literal["32", "bf16", "16"] | None = None,
+        teacher_precision: Literal["32", "bf16", "16", "int8", "nf4"] | None = None,
         student_module: str | None = None,
         student_tokenizer: str | None = None,
         batch_to_teacher_inputs: Callable[[Any], dict[str, Tensor]] | None = None,
@@ -195,13 +199,16 @@ class KnowledgeDistillation(Callback):
         check_alpha_temperature(alpha, temperature)
         check_alpha_temperature(alpha if alpha_end is None else alpha_end, temperature_end or temperature)
         check_teacher_source(teacher)
-        if teacher_precision is not None and teacher_precision not in DTYPES:
-            raise ValueError(f"teacher_precision must be one of {sorted(DTYPES)} or None, got {teacher_precision!r}.")
+        if teacher_precision is not None and teacher_precision not in (*DTYPES, *FROZEN_BITS):
+            raise ValueError(
+                f"teacher_precision must be one of {[*DTYPES, *FROZEN_BITS]} or None, got {teacher_precision!r}."
+            )
         self.source = teacher
         self.alpha, self.alpha_end = alpha, alpha_end
         self.temperature, self.temperature_end = temperature, temperature_end
         self.layers = LayerTransfer(hidden_layers, hidden_weight, attention_layers, attention_weight)
         self.teacher_precision = teacher_precision
+        self._quantized = False
         self.student_module = student_module
         self.student_tokenizer = student_tokenizer
         self.batch_to_teacher_inputs = batch_to_teacher_inputs or default_teacher_inputs
@@ -238,8 +245,11 @@ class KnowledgeDistillation(Callback):
             )
         if self._teacher_info is None:
             self._teacher_info = load_teacher(self.source)
-        dtype = DTYPES[self.teacher_precision] if self.teacher_precision else None
+        dtype = DTYPES.get(self.teacher_precision or "")
         self.teacher = freeze(self._teacher_info.model, dtype)
+        if self.teacher_precision in FROZEN_BITS and not self._quantized:
+            quantize_frozen(self.teacher, self.teacher_precision)  # weights quantized on the move to the device
+            self._quantized = True
         _, student = self._student(pl_module)
         teacher_config, student_config = getattr(self.teacher, "config", None), getattr(student, "config", None)
         if teacher_config is not None and student_config is not None:
