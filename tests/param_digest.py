@@ -40,6 +40,9 @@ class ParameterDigest(Callback):
             "strategy": type(trainer.strategy).__name__,
             "global_step": trainer.global_step,
             "digest": parameter_digest(pl_module),
+            # elements this rank holds: a sharded strategy holds about 1/world_size of them
+            "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in pl_module.parameters()),
+            "numel": sum(p.numel() for p in pl_module.parameters()),
             "callbacks": {type(c).__name__: tensor_digest(c.state_dict()) for c in trainer.callbacks if c.state_dict()},
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

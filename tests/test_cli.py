@@ -234,6 +234,8 @@ def test_two_nodes_with_torchrun(
     assert {r["global_step"] for r in records} == {4}
     assert records[0]["digest"] == records[1]["digest"]
     assert {r["strategy"] for r in records} == {"FSDP2Strategy" if sharded else "DDPStrategy"}
+    for record in records:  # FSDP2 shards over both nodes' ranks; DDP holds everything
+        assert record["local_numel"] <= (0.51 if sharded else 1) * record["numel"]
 
 
 def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(

@@ -35,6 +35,8 @@ def fsdp1_args(state_dict_type: str) -> list[str]:
 
 CHECKPOINTING = "--trainer.strategy.init_args.activation_checkpointing=true"
 PRESETS = {
+    "ddp": ["--config", str(RECIPES / "strategies/ddp.yaml"), *TWO_CPUS],
+    "fsdp2": ["--config", str(RECIPES / "strategies/fsdp2.yaml"), *TWO_CPUS],
     "zero1": zero_args(1),
     "zero3": zero_args(3),
     "fsdp1-sharded-checkpointing": [*fsdp1_args("sharded"), CHECKPOINTING],

@@ -104,7 +104,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     ) -> None:
         if mixed_precision is not None and mixed_precision not in DTYPES:
             raise ValueError(f"mixed_precision must be 'bf16', 'fp16' or None, got {mixed_precision!r}.")
-        self.shard_over_all_devices = "data_parallel_size" not in kwargs and "tensor_parallel_size" not in kwargs
+        # LightningCLI passes every option, so "auto" counts as not given.
+        self.shard_over_all_devices = all(
+            kwargs.get(k, "auto") == "auto" for k in ("data_parallel_size", "tensor_parallel_size")
+        )
         super().__init__(**kwargs)
         self.block_classes = block_classes
         self.activation_checkpointing = activation_checkpointing
