@@ -15,6 +15,7 @@ from transformers import AutoModelForTokenClassification
 
 from lightning_memopt import FSDP1Strategy, FSDP2Strategy, ZeROStrategy
 from lightning_memopt.checkpoint_reading import read_checkpoint
+from lightning_memopt.distributed.fsdp2 import required_blocks
 from lightning_memopt.tasks.optim import check_optimizer_strategy
 
 pytestmark = pytest.mark.slow
@@ -123,3 +124,11 @@ def test_eight_bit_optimizers_are_refused_under_fsdp(strategy: type) -> None:
         check_optimizer_strategy("adamw8bit", trainer)
     check_optimizer_strategy("adamw", trainer)
     check_optimizer_strategy("paged_adamw8bit", SimpleNamespace(strategy=ZeROStrategy(stage=3)))
+
+
+def test_a_model_without_transformer_blocks_gets_a_clear_error() -> None:
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"FSDP1Strategy found no transformer blocks in Sequential.*block_classes"):
+        required_blocks(flat, None, "FSDP1Strategy")
+    with pytest.raises(ValueError, match=r"block_classes=\['Nope'\] match no module"):
+        required_blocks(flat, ["Nope"], "FSDP1Strategy")

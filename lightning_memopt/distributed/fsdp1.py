@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_memopt.distributed.fsdp2 import transformer_blocks
+from lightning_memopt.distributed.fsdp2 import required_blocks
 
 
 @contextmanager
@@ -96,11 +96,7 @@ class FSDP1Strategy(FSDPStrategy):
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            blocks = transformer_blocks(model, self.block_classes)
-            if not blocks:
-                raise ValueError(
-                    f"FSDP1Strategy found no transformer blocks in {type(model).__name__}; pass block_classes=[...]."
-                )
+            blocks = required_blocks(model, self.block_classes, "FSDP1Strategy")
             classes = {type(block) for _, block in blocks}
             self.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(classes))
             if self.activation_checkpointing:

@@ -46,6 +46,19 @@ def transformer_blocks(model: nn.Module, block_classes: Sequence[str] | None = N
     return found
 
 
+def required_blocks(
+    model: nn.Module, block_classes: Sequence[str] | None, needed_by: str
+) -> list[tuple[str, nn.Module]]:
+    """:func:`transformer_blocks`, or an error saying that ``needed_by`` needs them and how to name them."""
+    blocks = transformer_blocks(model, block_classes)
+    if not blocks:
+        raise ValueError(
+            f"{needed_by} found no transformer blocks in {type(model).__name__} (no ModuleList of identical blocks); "
+            "pass block_classes=['YourBlockClass']."
+        )
+    return blocks
+
+
 def shard_transformer(
     module: nn.Module,
     mesh: Any,
@@ -64,12 +77,7 @@ def shard_transformer(
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    blocks = transformer_blocks(module, block_classes)
-    if not blocks:
-        raise ValueError(
-            f"Found no transformer blocks in {type(module).__name__} (no ModuleList of identical blocks); "
-            "pass block_classes=['YourBlockClass'] or shard in your own configure_model."
-        )
+    blocks = required_blocks(module, block_classes, "FSDP2Strategy (or shard in your own configure_model)")
     for _, block in blocks:
         if activation_checkpointing:
             checkpoint(block)

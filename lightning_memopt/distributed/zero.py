@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_memopt.distributed.fsdp2 import transformer_blocks
+from lightning_memopt.distributed.fsdp2 import required_blocks
 
 DEFAULT_BUCKET = 50_000_000
 
@@ -119,12 +119,7 @@ def checkpoint_blocks(module: LightningModule | None, block_classes: list[str] |
     from torch.distributed._composable.contract import _get_registry
 
     assert module is not None
-    blocks = transformer_blocks(module, block_classes)
-    if not blocks:
-        raise ValueError(
-            f"activation_checkpointing=True found no transformer blocks in {type(module).__name__}; "
-            "pass block_classes=['YourBlockClass']."
-        )
+    blocks = required_blocks(module, block_classes, "activation_checkpointing=True")
     for _, block in blocks:
         if "checkpoint" not in (_get_registry(block) or {}):
             checkpoint(block)
