@@ -35,6 +35,13 @@ DESCRIPTION = (
 )
 
 
+STRATEGY_HINT = (
+    "lightning_memopt's presets are recipe overlays: --config recipes/strategies/<name>.yaml with <name> one of "
+    "single-device, ddp, multi-node, fsdp1, fsdp2, zero1, zero2, zero3 (or the class paths "
+    "lightning_memopt.FSDP1Strategy, lightning_memopt.FSDP2Strategy, lightning_memopt.ZeROStrategy)."
+)
+
+
 def format_metrics(metrics: dict[str, float], title: str) -> str:
     """A small aligned table of metric values.
 
@@ -84,6 +91,10 @@ class MemoptCLI(LightningCLI):
         parser.callback_keys = [key for key in all_keys if self._get(self.config_init, key) is not None]
         try:
             trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as error:
+            if "invalid strategy name" not in str(error):
+                raise
+            raise ValueError(f"{error}\n{STRATEGY_HINT}") from None
         finally:
             parser.callback_keys = all_keys
         trainer.callbacks.append(FinalLastCheckpoint())

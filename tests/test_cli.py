@@ -114,6 +114,12 @@ def test_recipes_and_overlays_parse(
         assert "-distilled/checkpoints" in printed
 
 
+def test_an_unknown_strategy_name_points_to_the_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["memopt"])
+    with pytest.raises(ValueError, match=r"invalid strategy name: `strategy='zero9'`(.|\n)*recipes/strategies/"):
+        run_cli(["fit", *NER, "--trainer.strategy=zero9"])
+
+
 def test_fit_without_validation_data_or_checkpoint_sections(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
