@@ -151,23 +151,13 @@ def predict(config: Config, workdir: Path) -> dict:
 
     from lightning_memopt.distributed.zero import DEFAULT_BUCKET
     from lightning_memopt.estimate.simulation import simulate_step
-    from lightning_memopt.estimate.strategies import (
-        optimizer_state_bytes,
-        optimizer_step_temporaries,
-        per_device_peak,
-        zero_bucket_bytes,
-    )
+    from lightning_memopt.estimate.strategies import device_peak
 
     bert = AutoConfig.from_pretrained(model_folder(config, workdir))
     step = simulate_step(
         bert, "token-classification", config.batch, config.sequence, activation_checkpointing=config.checkpointing
     )
-    buckets = zero_bucket_bytes(step, DEFAULT_BUCKET, "cpu") if config.strategy.startswith("zero") else 0
-    if config.optimizer == "adamw":
-        return per_device_peak(step, config.strategy, config.devices, zero_bucket_bytes=buckets)  # type: ignore[arg-type]
-    state = optimizer_state_bytes(step.trainable_numels, config.optimizer)
-    temporaries = optimizer_step_temporaries(step.trainable_numels, config.optimizer, "cpu")
-    return per_device_peak(step, config.strategy, config.devices, state, temporaries, buckets)  # type: ignore[arg-type]
+    return device_peak(step, config.strategy, config.devices, config.optimizer, "cpu", DEFAULT_BUCKET)  # type: ignore[arg-type]
 
 
 def write_report(payload: dict, steps: int) -> Path:

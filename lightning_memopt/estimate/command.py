@@ -21,13 +21,7 @@ import torch
 
 from lightning_memopt.distributed.zero import DEFAULT_BUCKET
 from lightning_memopt.estimate.simulation import StepSimulation, Task, simulate_step
-from lightning_memopt.estimate.strategies import (
-    Strategy,
-    optimizer_state_bytes,
-    optimizer_step_temporaries,
-    per_device_peak,
-    zero_bucket_bytes,
-)
+from lightning_memopt.estimate.strategies import Strategy, device_peak
 
 MIB = 2**20
 LIGHTNING_DEEPSPEED_BUCKET = 200_000_000  # DeepSpeedStrategy's reduce_bucket_size
@@ -195,13 +189,7 @@ def _peak(step: StepSimulation, setup: Setup, strategy: Strategy, devices: int) 
         strategy = "single"
     if strategy == "single" and devices > 1:
         strategy = "ddp"
-    element_size = torch.finfo(PRECISIONS.get(setup.precision, torch.float32)).bits // 8
-    buckets = zero_bucket_bytes(step, setup.zero_bucket, setup.device)
-    if setup.optimizer == "adamw":
-        return per_device_peak(step, strategy, devices, zero_bucket_bytes=buckets)
-    state = optimizer_state_bytes(step.trainable_numels, setup.optimizer, element_size)
-    temporaries = optimizer_step_temporaries(step.trainable_numels, setup.optimizer, setup.device)
-    return per_device_peak(step, strategy, devices, state, temporaries, buckets)
+    return device_peak(step, strategy, devices, setup.optimizer, setup.device, setup.zero_bucket)
 
 
 def _label(strategy: Strategy, checkpointing: bool) -> str:

@@ -158,3 +158,24 @@ def per_device_peak(
         key=lambda parts: sum(parts.values()),
     )
     return {**peak, "peak": sum(peak.values())}
+
+
+def device_peak(
+    step: StepSimulation,
+    strategy: Strategy,
+    devices: int,
+    optimizer: str = "adamw",
+    device: str = "cpu",
+    bucket_elements: int = 0,
+) -> dict[str, int]:
+    """:func:`per_device_peak` for a named optimizer on a device type, with DeepSpeed buckets of ``bucket_elements``.
+
+    AdamW is the simulated optimizer; bitsandbytes' 8-bit AdamW gets its state and step temporaries
+    from :func:`optimizer_state_bytes` and :func:`optimizer_step_temporaries`.
+    """
+    buckets = zero_bucket_bytes(step, bucket_elements, device)
+    if optimizer == "adamw":
+        return per_device_peak(step, strategy, devices, zero_bucket_bytes=buckets)
+    state = optimizer_state_bytes(step.trainable_numels, optimizer, step.element_size)
+    temporaries = optimizer_step_temporaries(step.trainable_numels, optimizer, device)
+    return per_device_peak(step, strategy, devices, state, temporaries, buckets)
