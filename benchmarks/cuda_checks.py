@@ -103,13 +103,17 @@ CHECKS: dict[str, Check] = {
         (*overlay("strategies/fsdp2.yaml"), "--trainer.strategy.init_args.mixed_precision=bf16", CHECKPOINTING),
         resume=True,
     ),
-    "fsdp2-offload": Check((*overlay("strategies/fsdp2.yaml"), "--trainer.strategy.init_args.cpu_offload=true")),
+    "fsdp2-offload": Check(
+        (*overlay("strategies/fsdp2.yaml"), "--trainer.strategy.init_args.cpu_offload=true"), resume=True
+    ),
     "fsdp1-bf16-ckpt": Check((*overlay("strategies/fsdp1.yaml"), *BF16, CHECKPOINTING), resume=True),
     "fsdp1-offload": Check((*overlay("strategies/fsdp1.yaml"), "--trainer.strategy.init_args.cpu_offload=true")),
     "zero1-bf16": Check((*overlay("strategies/zero1.yaml"), *BF16), resume=True),
     "zero2-bf16": Check((*overlay("strategies/zero2.yaml"), *BF16), resume=True),
     "zero3-bf16": Check((*overlay("strategies/zero3.yaml"), *BF16), resume=True),
-    "zero2-offload": Check((*overlay("strategies/zero2.yaml"), *BF16, "--trainer.strategy.init_args.offload=true")),
+    "zero2-offload": Check(
+        (*overlay("strategies/zero2.yaml"), *BF16, "--trainer.strategy.init_args.offload=true"), resume=True
+    ),
     "zero3-offload": Check(
         (*overlay("strategies/zero3.yaml"), *BF16, "--trainer.strategy.init_args.offload=true"), resume=True
     ),
@@ -154,7 +158,7 @@ def make_model(workdir: Path, tokenizer_dir: Path, hidden: int, layers: int) -> 
     return folder
 
 
-def fit_args(model: Path, data_dir: Path, steps: int, batch: int, accelerator: str) -> list[str]:
+def fit_args(model: Path, data_dir: Path, steps: int, batch: int) -> list[str]:
     return [
         "fit",
         *overlay("ner/conll2003.yaml"),
@@ -162,8 +166,6 @@ def fit_args(model: Path, data_dir: Path, steps: int, batch: int, accelerator: s
         f"--data.train_file={data_dir / 'train.txt'}",
         f"--data.val_file={data_dir / 'valid.txt'}",
         f"--data.batch_size={batch}",
-        f"--trainer.accelerator={accelerator}",
-        "--trainer.devices=1",
         f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={steps}",
         "--trainer.check_val_every_n_epoch=null",
@@ -174,8 +176,14 @@ def fit_args(model: Path, data_dir: Path, steps: int, batch: int, accelerator: s
     ]
 
 
-def probe_args(probe: Path) -> list[str]:
-    return ["--trainer.callbacks+=cuda_checks.StepProbe", f"--trainer.callbacks.output={probe}"]
+def last_args(probe: Path, accelerator: str) -> list[str]:
+    """After the overlays (which may name other devices): one device, and the probe callback."""
+    return [
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.devices=1",
+        "--trainer.callbacks+=cuda_checks.StepProbe",
+        f"--trainer.callbacks.output={probe}",
+    ]
 
 
 def memopt(args: list[str], cwd: Path, port: int) -> subprocess.CompletedProcess:
@@ -223,7 +231,7 @@ def run_check(name: str, check: Check, model: Path, teacher: Path, args: Any, po
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir(parents=True)
     probe = cwd / "probe.json"
-    base = fit_args(model, Path(args.data_dir), args.steps, args.batch, args.accelerator)
+    base = fit_args(model, Path(args.data_dir), args.steps, args.batch)
     shown = " ".join(a.replace(f"{RECIPES}/", "") for a in check.args if a != "--config")
     row: dict[str, Any] = {"name": name, "args": shown + "".join(f" {k}={v}" for k, v in check.extra.items())}
     root = "runs/ner-conll2003"
@@ -248,7 +256,8 @@ def run_check(name: str, check: Check, model: Path, teacher: Path, args: Any, po
         ]
         root = "runs/ner-conll2003-distilled"
     started = time.perf_counter()
-    result = memopt([*base, *options, *probe_args(probe)], cwd, port)
+    result = memopt([*base, *options, *last_args(probe, args.accelerator)], cwd, port)
+    (cwd / "fit.log").write_text(result.stdout + result.stderr)
     row["wall_s"] = round(time.perf_counter() - started, 1)
     if result.returncode != 0 or not probe.exists():
         return row | {"ok": False, "error": failure(result)}
@@ -270,8 +279,9 @@ def run_check(name: str, check: Check, model: Path, teacher: Path, args: Any, po
             row["error"] = "export: " + failure(exported)
     if check.resume:
         probe.unlink()
-        more = [*base, *options, *probe_args(probe), f"--trainer.max_steps={args.steps + 10}", "--ckpt_path=last"]
-        resumed = memopt(more, cwd, port)
+        more = [*base, *options, *last_args(probe, args.accelerator), f"--trainer.max_steps={args.steps + 10}"]
+        resumed = memopt([*more, "--ckpt_path=last"], cwd, port)
+        (cwd / "resume.log").write_text(resumed.stdout + resumed.stderr)
         restored = "Restored all states" in resumed.stdout + resumed.stderr
         step = json.loads(probe.read_text())["global_step"] if probe.exists() else None
         row["resumed_to_step"] = step if resumed.returncode == 0 and restored else None

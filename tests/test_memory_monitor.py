@@ -8,7 +8,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from lightning_memopt import MemoryMonitor
-from lightning_memopt.distributed.memory_monitor import optimizer_state_bytes
+from lightning_memopt.distributed.memory_monitor import model_state_bytes, optimizer_state_bytes
 
 SPIKE_MIB = 256
 
@@ -58,3 +58,15 @@ def test_optimizer_state_bytes_by_dtype() -> None:
     weight.grad = torch.ones_like(weight)
     optimizer.step()
     assert optimizer_state_bytes(optimizer) == {"bfloat16": 20}
+
+
+def test_breakdown_counts_only_the_measured_device() -> None:
+    model = nn.Linear(10, 10)  # 440 bytes of float32 parameters, on the CPU
+    assert model_state_bytes(model, "cpu") == {"parameters": 440, "gradients": 0}
+    # Measuring CUDA memory, parameters offloaded to the CPU are not part of the device's peak.
+    assert model_state_bytes(model, "cuda") == {"parameters": 0, "gradients": 0}
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 10)).sum().backward()
+    optimizer.step()
+    assert optimizer_state_bytes(optimizer, "cuda") == {}
+    assert optimizer_state_bytes(optimizer, "cpu")["float32"] == 2 * 440 + 2 * 4  # two moments, a step per tensor

@@ -16,7 +16,7 @@ from transformers import AutoModelForTokenClassification
 from lightning_memopt import FSDP1Strategy, FSDP2Strategy, ZeROStrategy
 from lightning_memopt.checkpoint_reading import read_checkpoint
 from lightning_memopt.distributed.fsdp2 import required_blocks
-from lightning_memopt.tasks.optim import check_optimizer_strategy
+from lightning_memopt.tasks.optim import check_optimizer_strategy, offloads_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +124,18 @@ def test_eight_bit_optimizers_are_refused_under_fsdp(strategy: type) -> None:
         check_optimizer_strategy("adamw8bit", trainer)
     check_optimizer_strategy("adamw", trainer)
     check_optimizer_strategy("paged_adamw8bit", SimpleNamespace(strategy=ZeROStrategy(stage=3)))
+
+
+def test_zero_offload_takes_any_optimizer_and_refuses_8bit_ones() -> None:
+    offloaded = ZeROStrategy(stage=3, offload=True)
+    assert offloaded.config["zero_force_ds_cpu_optimizer"] is False  # DeepSpeed refuses torch's AdamW otherwise
+    assert offloaded.config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "zero_force_ds_cpu_optimizer" not in ZeROStrategy(stage=3).config
+    assert offloads_optimizer(SimpleNamespace(strategy=offloaded))
+    assert not offloads_optimizer(SimpleNamespace(strategy=ZeROStrategy(stage=2)))
+    with pytest.raises(ValueError, match=r"adamw8bit cannot run with ZeROStrategy\(offload=True\).*optimizer adamw"):
+        check_optimizer_strategy("adamw8bit", SimpleNamespace(strategy=offloaded))
+    check_optimizer_strategy("adamw", SimpleNamespace(strategy=offloaded))
 
 
 def test_a_model_without_transformer_blocks_gets_a_clear_error() -> None:

@@ -26,6 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torchmetrics import Metric
 from typing_extensions import override
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,6 +130,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.shard_over_all_devices:  # pure data-parallel FSDP over every device of every node
             self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
         super().setup_environment()
+
+    @override
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            super().model_to_device()
+            return
+        # Offloaded parameters stay on the CPU (FSDP gathers them onto the device for compute); buffers and
+        # metric states move, so that inputs meet them on the device and metrics sync over NCCL.
+        assert self.model is not None
+        for module in self.model.modules():
+            if isinstance(module, Metric):
+                module.to(self.root_device)
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.root_device)
 
     @override
     def connect(self, model: LightningModule) -> None:  # type: ignore[override]

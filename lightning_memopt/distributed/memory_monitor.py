@@ -42,23 +42,32 @@ def reset_cpu_peak() -> None:
     CLEAR_REFS.write_text("5")
 
 
-def model_state_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by the parameters and by their gradients."""
+def held_bytes(tensor: torch.Tensor, device_type: str | None = None) -> int:
+    """Bytes this process holds for ``tensor``: its local shard for a DTensor, and 0 when it lives on
+    another kind of device than ``device_type`` (e.g. state offloaded to the CPU while CUDA is measured)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    if device_type is not None and local.device.type != device_type:
+        return 0
+    return local.numel() * local.element_size()
+
+
+def model_state_bytes(model: nn.Module, device_type: str | None = None) -> dict[str, int]:
+    """Bytes held by the parameters and by their gradients (on ``device_type`` only, if given)."""
     parameters = list(model.parameters())
     return {
-        "parameters": sum(p.numel() * p.element_size() for p in parameters),
-        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in parameters if p.grad is not None),
+        "parameters": sum(held_bytes(p, device_type) for p in parameters),
+        "gradients": sum(held_bytes(p.grad, device_type) for p in parameters if p.grad is not None),
     }
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of optimizer state tensors (e.g. Adam's moments), keyed by dtype."""
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str | None = None) -> dict[str, int]:
+    """Bytes of optimizer state tensors (e.g. Adam's moments), keyed by dtype (on ``device_type`` only, if given)."""
     totals: dict[str, int] = {}
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and (size := held_bytes(value, device_type)):
                 key = str(value.dtype).removeprefix("torch.")
-                totals[key] = totals.get(key, 0) + value.numel() * value.element_size()
+                totals[key] = totals.get(key, 0) + size
     return totals
 
 
@@ -71,6 +80,7 @@ class MemoryMonitor(Callback):
     def __init__(self) -> None:
         self.step_peaks: list[int] = []
         self.breakdown: dict[str, int] = {}
+        self._measured_on = "CPU resident"
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -85,18 +95,20 @@ class MemoryMonitor(Callback):
     ) -> None:
         device = pl_module.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
+        self._measured_on = "CUDA allocated" if device.type == "cuda" else "CPU resident"
         self.step_peaks.append(peak)
         pl_module.log("peak_memory_mib", peak / MIB, on_step=True, on_epoch=False, prog_bar=True)
         if len(self.step_peaks) == 1 or peak >= max(self.step_peaks[:-1]):
             self._record_breakdown(trainer, pl_module, peak)
 
     def _record_breakdown(self, trainer: Trainer, pl_module: LightningModule, peak: int) -> None:
-        states = model_state_bytes(pl_module)
+        device_type = pl_module.device.type
+        states = model_state_bytes(pl_module, device_type)
         # Gradients are freed by zero_grad(set_to_none=True) after the step; count them at parameter size.
-        trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+        trainable = sum(held_bytes(p, device_type) for p in pl_module.parameters() if p.requires_grad)
         states["gradients"] = max(states["gradients"], trainable)
         for optimizer in trainer.optimizers:
-            for dtype, size in optimizer_state_bytes(optimizer).items():
+            for dtype, size in optimizer_state_bytes(optimizer, device_type).items():
                 key = f"optimizer state ({dtype})"
                 states[key] = states.get(key, 0) + size
         states["other (activations, temporaries, runtime)"] = max(0, peak - sum(states.values()))
@@ -105,9 +117,9 @@ class MemoryMonitor(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.breakdown:
-            device = "CUDA allocated" if pl_module.device.type == "cuda" else "CPU resident"
-            rank_zero_info(format_breakdown(self.breakdown, f"Memory at the largest step peak (rank 0, {device}):"))
+        if self.breakdown:  # the module may be back on the CPU by now (Lightning tears down before on_fit_end)
+            title = f"Memory at the largest step peak (rank 0, {self._measured_on}):"
+            rank_zero_info(format_breakdown(self.breakdown, title))
 
 
 def format_breakdown(breakdown: dict[str, int], title: str) -> str:

@@ -25,6 +25,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -64,6 +65,8 @@ class ZeROStrategy(DeepSpeedStrategy):
         kwargs.setdefault("allgather_bucket_size", bucket_size)
         kwargs.setdefault("reduce_bucket_size", bucket_size)
         super().__init__(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3, **kwargs)
+        if offload:  # any module's optimizer runs offloaded (DeepSpeed would refuse all but its CPU Adam)
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
         self.offload = offload
         self.activation_checkpointing = activation_checkpointing
         self.block_classes = block_classes
@@ -91,6 +94,12 @@ class ZeROStrategy(DeepSpeedStrategy):
         self, model: nn.Module, optimizer: Optimizer | None, lr_scheduler: Any = None
     ) -> tuple[Any, Optimizer]:
         if not isinstance(self.accelerator, CPUAccelerator):
+            if self.offload and optimizer is not None and "CPUAdam" not in type(optimizer).__name__:
+                rank_zero_warn(
+                    f"ZeROStrategy(offload=True) steps {type(optimizer).__name__} on the CPU; DeepSpeed's vectorised "
+                    "deepspeed.ops.adam.DeepSpeedCPUAdam(adamw_mode=True) is several times faster there. Our task "
+                    "modules choose it themselves."
+                )
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
 

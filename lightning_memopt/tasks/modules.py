@@ -25,7 +25,13 @@ from typing_extensions import override
 
 from lightning_memopt.checkpoint_reading import read_checkpoint
 from lightning_memopt.tasks.entity_f1 import EntityF1
-from lightning_memopt.tasks.optim import build_adamw, check_optimizer, check_optimizer_strategy, linear_warmup_decay
+from lightning_memopt.tasks.optim import (
+    build_adamw,
+    check_optimizer,
+    check_optimizer_strategy,
+    linear_warmup_decay,
+    offloads_optimizer,
+)
 from lightning_memopt.tasks.resumable import restore_rng_state, rng_states_of_all_ranks
 from lightning_memopt.tasks.sources import resolve_pretrained
 
@@ -152,8 +158,10 @@ class TransformerTaskModule(LightningModule):
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         check_optimizer_strategy(hp.optimizer, self.trainer)
+        betas = tuple(hp.adam_betas)
+        offloaded = offloads_optimizer(self.trainer)
         optimizer = build_adamw(
-            self, hp.learning_rate, hp.weight_decay, tuple(hp.adam_betas), hp.adam_epsilon, kind=hp.optimizer
+            self, hp.learning_rate, hp.weight_decay, betas, hp.adam_epsilon, hp.optimizer, offloaded
         )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)

@@ -49,6 +49,11 @@ def check_optimizer(kind: str) -> str:
 SHARDS_FOR_8BIT = ("FSDPStrategy", "ModelParallelStrategy")
 
 
+def offloads_optimizer(trainer: Any) -> bool:
+    """Whether the trainer's strategy keeps the optimizer step on the CPU (``ZeROStrategy(offload=True)``)."""
+    return bool(getattr(trainer.strategy, "offload", False)) and type(trainer.strategy).__name__ == "ZeROStrategy"
+
+
 def check_optimizer_strategy(kind: str, trainer: Any) -> None:
     """Refuse, before training, an 8-bit optimizer under a strategy where it fails at the first step.
 
@@ -62,6 +67,12 @@ def check_optimizer_strategy(kind: str, trainer: Any) -> None:
             "and FSDP hands the optimizer shards. Use --model.optimizer adamw with FSDP, or keep adamw8bit with "
             "DDP or ZeROStrategy (DeepSpeed runs it at stages 1-3)."
         )
+    if kind != "adamw" and offloads_optimizer(trainer):
+        raise ValueError(
+            f"--model.optimizer={kind} cannot run with ZeROStrategy(offload=True): the offloaded step runs on the "
+            "CPU in DeepSpeed's own CPU Adam. Use --model.optimizer adamw (DeepSpeedCPUAdam is then chosen for you), "
+            "or offload=false to keep the 8-bit optimizer on the GPU."
+        )
 
 
 def build_adamw(
@@ -71,14 +82,20 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     kind: str = "adamw",
+    offloaded: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over :func:`parameter_groups`: ``torch.optim.AdamW``, or bitsandbytes' 8-bit (optionally paged) AdamW.
 
     The 8-bit variants keep both moments as 8-bit codes with block-wise scales (about a quarter of the
-    float32 state bytes) for tensors of 4096+ entries; smaller ones stay 32-bit.
+    float32 state bytes) for tensors of 4096+ entries; smaller ones stay 32-bit. ``offloaded=True`` (DeepSpeed
+    ZeRO offload) gives DeepSpeed's vectorised ``DeepSpeedCPUAdam`` in AdamW mode, which DeepSpeed expects there.
     """
     groups = parameter_groups(model, weight_decay)
-    if check_optimizer(kind) == "adamw":
+    if check_optimizer(kind) == "adamw" and offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=learning_rate, betas=betas, eps=eps, adamw_mode=True)
+    if kind == "adamw":
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
     try:
         import bitsandbytes as bnb
