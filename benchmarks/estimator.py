@@ -21,13 +21,15 @@ Results: ``benchmarks/results/estimator-<steps>.json`` and ``docs/results/estima
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import payload_header, report_header, run_child, save_results, write_child_result
+from common import payload_header, report_header, run_child, save_results, today, write_child_result
 
 MIB = 2**20
 VOCAB = 30522
@@ -89,21 +91,27 @@ CUDA_CONFIGS = [
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
+def bert_config(config: Config) -> Any:
+    """The ``transformers`` config of the configuration's model."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=4 * config.hidden,
+        num_labels=len(LABELS),
+    )
+
+
 def model_folder(config: Config, workdir: Path) -> Path:
     """A randomly initialised BERT of the configuration's shape, saved where the module loads it."""
-    from transformers import BertConfig, BertForTokenClassification
+    from transformers import BertForTokenClassification
 
     folder = workdir / "models" / f"h{config.hidden}-l{config.layers}"
     if not (folder / "config.json").exists():
-        bert = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=config.hidden,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            intermediate_size=4 * config.hidden,
-            num_labels=len(LABELS),
-        )
-        BertForTokenClassification(bert).save_pretrained(folder)
+        BertForTokenClassification(bert_config(config)).save_pretrained(folder)
     return folder
 
 
@@ -165,17 +173,20 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
     return {"config": asdict(config), "measured_bytes": max(peaks), "step_peaks_mib": [round(p / MIB) for p in peaks]}
 
 
-def predict(config: Config, workdir: Path) -> dict:
+def predict(config: Config) -> dict:
     """What ``lightning_memopt.estimate`` predicts for the configuration."""
-    from transformers import AutoConfig
-
     from lightning_memopt.distributed.zero import DEFAULT_BUCKET
     from lightning_memopt.estimate.simulation import simulate_step
     from lightning_memopt.estimate.strategies import device_peak
 
-    bert = AutoConfig.from_pretrained(model_folder(config, workdir))
+    bert = bert_config(config)
     step = simulate_step(
-        bert, "token-classification", config.batch, config.sequence, activation_checkpointing=config.checkpointing
+        bert,
+        "token-classification",
+        config.batch,
+        config.sequence,
+        activation_checkpointing=config.checkpointing,
+        fused_attention=config.accelerator == "cuda",
     )
     return device_peak(step, config.strategy, config.devices, config.optimizer, config.accelerator, DEFAULT_BUCKET)  # type: ignore[arg-type]
 
@@ -196,12 +207,21 @@ CUDA_NOTES = (
 )
 
 
+def add_prediction(row: dict, predicted: dict) -> None:
+    """Put a prediction and its error against the row's measurement into ``row``."""
+    row["predicted_bytes"] = predicted["peak"]
+    row["predicted_parts_mib"] = {k: round(v / MIB, 1) for k, v in predicted.items()}
+    row["error"] = predicted["peak"] / row["measured_bytes"] - 1
+
+
 def write_report(payload: dict, steps: int, accelerator: str) -> Path:
     measured_how, notes = CUDA_NOTES if accelerator == "cuda" else CPU_NOTES
+    predicted_again = [f"Predictions made {payload['predicted']}"] if "predicted" in payload else []
     lines = report_header(
         f"Memory estimator against measurement ({accelerator.upper()})",
         payload,
         measured_how,
+        *predicted_again,
         "Predicted: `lightning_memopt.estimate` (meta-device simulation of one step, then the strategy's sharding).",
         "Model: random BERT token classifier, vocabulary 30,522, FFN 4 x width, heads = width / 64.",
     )
@@ -238,6 +258,7 @@ def main() -> None:
     parser.add_argument("--skip_done", action="store_true")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="which configuration list")
+    parser.add_argument("--measured", default=None, help="an earlier run's JSON: predict again, measure nothing")
     parser.add_argument("--_child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -247,6 +268,15 @@ def main() -> None:
         result = measure(configs[name], workdir, args.steps)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             write_child_result(workdir, "estimator", name, result)
+        return
+    if args.measured:  # predict again against an earlier run's measurements (e.g. from a lent GPU)
+        payload = json.loads(Path(args.measured).read_text())
+        payload["predicted"] = f"again on {today()} from its measurements: python benchmarks/estimator.py " + " ".join(
+            sys.argv[1:]
+        )
+        for row in payload["rows"]:
+            add_prediction(row, predict(configs[row["name"]]))
+        print(f"Report: {write_report(payload, args.steps, args.accelerator)}")
         return
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the children, see the module docstring
     payload = payload_header("estimator.py") | {"rows": []}
@@ -258,15 +288,8 @@ def main() -> None:
         measured = run_child(
             "estimator.py", workdir, args.steps, "estimator", name, *accelerator, skip_done=args.skip_done
         )
-        predicted = predict(config, workdir)
-        row = {
-            "name": name,
-            "predicted_bytes": predicted["peak"],
-            "predicted_parts_mib": {k: round(v / MIB, 1) for k, v in predicted.items()},
-            "measured_bytes": measured["measured_bytes"],
-            "step_peaks_mib": measured["step_peaks_mib"],
-            "error": predicted["peak"] / measured["measured_bytes"] - 1,
-        }
+        row = {"name": name, "measured_bytes": measured["measured_bytes"], "step_peaks_mib": measured["step_peaks_mib"]}
+        add_prediction(row, predict(config))
         print(row, flush=True)
         payload["rows"].append(row)
     print(f"Report: {write_report(payload, args.steps, args.accelerator)}")

@@ -79,6 +79,20 @@ def test_checkpointing_and_batch_size_change_activations_as_expected() -> None:
     assert checkpointed.forward.activations < plain.forward.activations / 3
 
 
+def test_cuda_fused_attention_keeps_no_sequence_squared_tensors() -> None:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def activations(sequence: int, fused: bool) -> int:
+        step = simulate_step(CONFIG, "token-classification", 4, sequence, fused_attention=fused)
+        return step.forward.activations
+
+    # The math path (CPU) keeps each layer's probabilities and dropout mask: heads x sequence^2 per row.
+    assert activations(256, fused=False) / activations(128, fused=False) > 2.4
+    # CUDA's memory-efficient kernel keeps one log-sum-exp per row instead: activations grow linearly.
+    assert 1.9 < activations(256, fused=True) / activations(128, fused=True) < 2.1
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa  # the kernel is swapped back
+
+
 def test_sentence_classification_is_simulated_with_its_own_head() -> None:
     from transformers import BertForSequenceClassification
 

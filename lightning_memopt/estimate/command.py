@@ -208,6 +208,7 @@ def estimate_report(setup: Setup, model_config: Any, device_memory: int | None =
             setup.sequence_length,
             dtype=dtype,
             activation_checkpointing=ckpt,
+            fused_attention=setup.device == "cuda",
         )
         for ckpt in (False, True)
     }
@@ -222,6 +223,12 @@ def estimate_report(setup: Setup, model_config: Any, device_memory: int | None =
         f"Activations per device (batch x sequence x layers x width = {setup.batch_size} x {setup.sequence_length} x "
         f"{layers} x {width}): {plain.forward.activations / MIB:,.1f} MiB; with activation checkpointing "
         f"{steps[True].forward.activations / MIB:,.1f} MiB",
+        "Attention: "
+        + (
+            "CUDA's fused kernel (no sequence x sequence tensors kept)"
+            if setup.device == "cuda"
+            else "the math path of the CPU (probabilities and dropout mask kept, sequence x sequence per head)"
+        ),
     ]
     if setup.precision in MIXED:
         lines.append(

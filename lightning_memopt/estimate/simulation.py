@@ -21,11 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_memopt.distributed.fsdp2 import transformer_blocks
@@ -107,6 +110,33 @@ def _phase(snapshot: dict[str, int]) -> PhasePeak:
     return PhasePeak(**totals)
 
 
+@contextlib.contextmanager
+def fused_attention_kernel() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` as CUDA does in training: the memory-efficient kernel, which keeps
+    its output and one log-sum-exp per row for the backward pass instead of the sequence x sequence
+    probabilities and dropout mask of the math path (the one the CPU and the meta device take)."""
+
+    def memory_efficient(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        kernel = torch.ops.aten._scaled_dot_product_efficient_attention
+        return kernel(query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = memory_efficient
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def simulate_step(
     config: object,
     task: Task,
@@ -115,12 +145,15 @@ def simulate_step(
     dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
     optimizer: Literal["adamw", "sgd"] = "adamw",
+    fused_attention: bool = False,
 ) -> StepSimulation:
     """Simulate one training step of the ``task`` model for ``config`` on a ``batch_size`` x ``sequence_length`` batch.
 
     ``activation_checkpointing`` wraps each transformer block in composable checkpointing, as
     ``FSDP2Strategy(activation_checkpointing=True)`` does. ``optimizer`` is simulated with its real
     PyTorch implementation (for 8-bit optimizers, see :func:`lightning_memopt.estimate.optimizer_state_bytes`).
+    ``fused_attention`` simulates CUDA's fused attention kernel (:func:`fused_attention_kernel`); leave it
+    off for the CPU.
     """
     from torch.distributed._composable import checkpoint
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -143,7 +176,8 @@ def simulate_step(
         return model(input_ids=ids, labels=labels).loss
 
     peaks: list[PhasePeak] = []
-    with warnings.catch_warnings():
+    kernel = fused_attention_kernel() if fused_attention else contextlib.nullcontext()
+    with warnings.catch_warnings(), kernel:
         warnings.simplefilter("ignore")
         forward().backward()  # a first step creates the optimizer state and gradients, as on a real device
         optim.step()
