@@ -187,6 +187,7 @@ def last_args(probe: Path, accelerator: str) -> list[str]:
 
 
 def memopt(args: list[str], cwd: Path, port: int) -> subprocess.CompletedProcess:
+    """Run ``memopt`` with ``args`` in ``cwd`` (distributed runs rendezvous on ``port``); a timeout is a failure."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "benchmarks"), env.get("PYTHONPATH", "")]),
@@ -238,13 +239,7 @@ def run_check(name: str, check: Check, model: Path, teacher: Path, args: Any, po
     options = list(check.args)
     if check.verify == "distil":
         student = cwd / "student"
-        made = subprocess.run(
-            [*MEMOPT, "student", f"--teacher={teacher}", "--layers=[0,2,4]", f"--output_dir={student}"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])},
-        )
+        made = memopt(["student", f"--teacher={teacher}", "--layers=[0,2,4]", f"--output_dir={student}"], cwd, port)
         if made.returncode != 0:
             return row | {"ok": False, "error": "memopt student: " + failure(made)}
         options = [
@@ -267,13 +262,7 @@ def run_check(name: str, check: Check, model: Path, teacher: Path, args: Any, po
     if check.verify in ("sparsity", "structured"):
         row |= encoder_sparsity(last)
     if check.verify == "int8-export":
-        exported = subprocess.run(
-            [*MEMOPT, "export", f"--ckpt_path={last}", f"--output_dir={cwd / 'int8'}", "--int8=true"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])},
-        )
+        exported = memopt(["export", f"--ckpt_path={last}", f"--output_dir={cwd / 'int8'}", "--int8=true"], cwd, port)
         row["int8_export"] = exported.returncode == 0 and (cwd / "int8" / "model.int8.safetensors").exists()
         if not row["int8_export"]:
             row["error"] = "export: " + failure(exported)

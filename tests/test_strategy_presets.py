@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import MEMOPT, subprocess_env
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from test_cli import RECIPES, memopt, small_ner_args
 from transformers import AutoModelForTokenClassification
 
@@ -133,6 +134,8 @@ def test_zero_offload_takes_any_optimizer_and_refuses_8bit_ones() -> None:
     assert "zero_force_ds_cpu_optimizer" not in ZeROStrategy(stage=3).config
     assert offloads_optimizer(SimpleNamespace(strategy=offloaded))
     assert not offloads_optimizer(SimpleNamespace(strategy=ZeROStrategy(stage=2)))
+    assert offloads_optimizer(SimpleNamespace(strategy=DeepSpeedStrategy(stage=2, offload_optimizer=True)))
+    assert not offloads_optimizer(SimpleNamespace(strategy=DDPStrategy()))
     with pytest.raises(ValueError, match=r"adamw8bit cannot run with ZeROStrategy\(offload=True\).*optimizer adamw"):
         check_optimizer_strategy("adamw8bit", SimpleNamespace(strategy=offloaded))
     check_optimizer_strategy("adamw", SimpleNamespace(strategy=offloaded))

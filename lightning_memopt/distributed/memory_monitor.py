@@ -95,7 +95,6 @@ class MemoryMonitor(Callback):
     ) -> None:
         device = pl_module.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
-        self._measured_on = "CUDA allocated" if device.type == "cuda" else "CPU resident"
         self.step_peaks.append(peak)
         pl_module.log("peak_memory_mib", peak / MIB, on_step=True, on_epoch=False, prog_bar=True)
         if len(self.step_peaks) == 1 or peak >= max(self.step_peaks[:-1]):
@@ -103,6 +102,7 @@ class MemoryMonitor(Callback):
 
     def _record_breakdown(self, trainer: Trainer, pl_module: LightningModule, peak: int) -> None:
         device_type = pl_module.device.type
+        self._measured_on = "CUDA allocated" if device_type == "cuda" else "CPU resident"
         states = model_state_bytes(pl_module, device_type)
         # Gradients are freed by zero_grad(set_to_none=True) after the step; count them at parameter size.
         trainable = sum(held_bytes(p, device_type) for p in pl_module.parameters() if p.requires_grad)

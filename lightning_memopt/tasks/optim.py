@@ -50,8 +50,11 @@ SHARDS_FOR_8BIT = ("FSDPStrategy", "ModelParallelStrategy")
 
 
 def offloads_optimizer(trainer: Any) -> bool:
-    """Whether the trainer's strategy keeps the optimizer step on the CPU (``ZeROStrategy(offload=True)``)."""
-    return bool(getattr(trainer.strategy, "offload", False)) and type(trainer.strategy).__name__ == "ZeROStrategy"
+    """Whether the trainer's strategy runs the optimizer step off the device: DeepSpeed's ``offload_optimizer``,
+    as ``ZeROStrategy(offload=True)`` (or Lightning's ``DeepSpeedStrategy(offload_optimizer=True)``) configures it."""
+    config = getattr(trainer.strategy, "config", None)
+    zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
+    return bool(zero.get("offload_optimizer"))
 
 
 def check_optimizer_strategy(kind: str, trainer: Any) -> None:
@@ -69,8 +72,8 @@ def check_optimizer_strategy(kind: str, trainer: Any) -> None:
         )
     if kind != "adamw" and offloads_optimizer(trainer):
         raise ValueError(
-            f"--model.optimizer={kind} cannot run with ZeROStrategy(offload=True): the offloaded step runs on the "
-            "CPU in DeepSpeed's own CPU Adam. Use --model.optimizer adamw (DeepSpeedCPUAdam is then chosen for you), "
+            f"--model.optimizer={kind} cannot run with ZeROStrategy(offload=True) (DeepSpeed's offload_optimizer): "
+            "the offloaded step runs on the CPU in DeepSpeed's own CPU Adam. Use --model.optimizer adamw (DeepSpeedCPUAdam is then chosen for you), "
             "or offload=false to keep the 8-bit optimizer on the GPU."
         )
 
