@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
@@ -244,15 +245,45 @@ def write_child_result(workdir: Path, task: str, variant: str, result: dict) -> 
     (folder / "result.json").write_text(json.dumps(result))
 
 
+def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], results: Path = RESULTS) -> None:
+    """Keep the parts of the last saved ``<name>-<steps>.json`` that this run did not measure, noting their origin.
+
+    ``keys`` name the payload's parts (e.g. ``["accuracy", "overhead"]``); a part that is a dict keyed by task
+    is merged task by task, so rerunning one task or one part leaves the others' recorded figures in place.
+    """
+    saved = results / f"{name}-{steps}.json"
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    origins = payload.setdefault("carried_over", {})
+
+    def origin(key: str) -> dict[str, str]:
+        return previous.get("carried_over", {}).get(key, {"command": previous["command"], "date": previous["date"]})
+
+    for key in keys:
+        if key not in previous:
+            continue
+        if key not in payload:
+            payload[key], origins[key] = previous[key], origin(key)
+        elif isinstance(payload[key], dict) and isinstance(previous[key], dict):
+            for sub in previous[key].keys() - payload[key].keys():
+                payload[key][sub], origins[f"{key}.{sub}"] = previous[key][sub], origin(f"{key}.{sub}")
+    if not origins:
+        del payload["carried_over"]
+
+
 def report_header(title: str, payload: dict[str, Any], *notes: str) -> list[str]:
-    """The first lines of a results page: title, command, machine, date and notes."""
+    """The first lines of a results page: title, command, machine, date, parts kept from earlier runs, notes."""
     lines = [f"# {title}", "", f"- Command: `{payload['command']}`", f"- Machine: {payload['machine']}"]
-    return [*lines, f"- Date: {payload['date']}", *(f"- {note}" for note in notes), ""]
+    lines.append(f"- Date: {payload['date']}")
+    for key, where in payload.get("carried_over", {}).items():
+        lines.append(f"- `{key}` kept from an earlier run: `{where['command']}` ({where['date']})")
+    return [*lines, *(f"- {note}" for note in notes), ""]
 
 
 def save_results(name: str, steps: int, payload: dict[str, Any], lines: list[str]) -> Path:
     """Write ``benchmarks/results/<name>-<steps>.json`` and ``docs/results/<name>-<steps>.md``; return the page."""
-    data = PROJECT_ROOT / "benchmarks" / "results" / f"{name}-{steps}.json"
+    data = RESULTS / f"{name}-{steps}.json"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(payload, indent=2) + "\n")
     page = PROJECT_ROOT / "docs" / "results" / f"{name}-{steps}.md"

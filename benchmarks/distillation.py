@@ -31,6 +31,7 @@ from common import (
     PROJECT_ROOT,
     TASKS,
     benchmark_parser,
+    carry_over,
     fit_recipe,
     payload_header,
     report_header,
@@ -197,6 +198,7 @@ def main() -> None:
         payload["tasks"][task] = result
     if "overhead" in args.parts and "ner" in teachers:
         payload["overhead"] = overhead(workdir, teachers["ner"])
+    carry_over("distillation", args.steps, payload, ["tasks", "overhead"])
     print(f"Report: {write_report(payload, args.steps)}")
 
 

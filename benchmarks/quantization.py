@@ -1,8 +1,10 @@
 """QuantizationAwareTraining benchmark: fp32, post-training int8 and QAT int8 with the same budget.
 
 Accuracy: the dense run (``--dense TASK=CKPT`` to reuse one, else trained here) gives fp32; its
-checkpoint converted to int8 without training gives post-training dynamic quantization (PTQ); a run
-with ``QuantizationAwareTraining`` (start 10 %, scales frozen at 90 %) exported to int8 gives QAT.
+checkpoint converted to int8 without training gives post-training dynamic quantization (PTQ); runs
+with ``QuantizationAwareTraining`` exported to int8 give QAT: fake quantization from 10 % of the run
+(``qat``) or from two thirds of it, after a full-precision fine-tune in the same run (``qat-late``);
+weight scales frozen at 90 % in both.
 Both int8 models are validated through ``memopt validate`` with the conversion done after the
 checkpoint is restored. Size: the Linear weights' bytes and the weights file, as ratios to fp32.
 Latency: batch 8 x 128 tokens, fp32 vs PTQ vs QAT int8 vs torchao's int8 dynamic quantization, interleaved
@@ -30,6 +32,7 @@ from common import (
     PROJECT_ROOT,
     TASKS,
     benchmark_parser,
+    carry_over,
     fit_recipe,
     latency_inputs,
     latency_ms,
@@ -55,15 +58,22 @@ class ConvertToInt8(Callback):
         convert_with_qat_state(pl_module.model, self.qat_state)
 
 
+QAT_RUNS: dict[str, dict[str, float]] = {
+    "qat": {"start": 0.1, "freeze_ranges": 0.9},
+    "qat-late": {"start": 2 / 3, "freeze_ranges": 0.9},
+}
+QAT_LABELS = {"qat": "QAT from 10 %", "qat-late": "QAT from 67 % (full precision before)"}
+
+
 def run_variant(task: str, variant: str, workdir: Path, steps: int, checkpoint: str | None) -> dict:
     """Fit dense or QAT, or validate a checkpoint converted to int8 (runs in a child process)."""
     from lightning_memopt import QuantizationAwareTraining
     from lightning_memopt.cli import run_cli
 
-    if variant in ("fp32", "qat"):
-        callbacks = [QuantizationAwareTraining(start=0.1, freeze_ranges=0.9)] if variant == "qat" else []
+    if variant == "fp32" or variant in QAT_RUNS:
+        callbacks = [QuantizationAwareTraining(**QAT_RUNS[variant])] if variant in QAT_RUNS else []
         return fit_recipe(task, workdir / task / variant, step_budget(steps), callbacks)[1]
-    assert checkpoint is not None  # "fp32-validate": as is; "ptq" / "qat-int8": converted to int8 first
+    assert checkpoint is not None  # "fp32-validate": as is; "ptq" / "<QAT run>-int8": converted to int8 first
     state = checkpoint_qat_state(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
     callbacks = [] if variant == "fp32-validate" else [ConvertToInt8(state)]
     args = ["validate"]
@@ -76,15 +86,15 @@ def run_variant(task: str, variant: str, workdir: Path, steps: int, checkpoint: 
 
 
 def export_and_time(task: str, checkpoints: dict[str, str], workdir: Path) -> dict[str, Any]:
-    """Sizes and latencies of fp32, PTQ int8, QAT int8 and torchao int8, measured in this process."""
+    """Sizes and latencies of fp32, PTQ int8, each QAT run's int8 and torchao int8, measured in this process."""
     from lightning_memopt import load_task_checkpoint
 
     dense = load_task_checkpoint(checkpoints["fp32"]).model.eval()
     dense.save_pretrained(workdir / task / "export-fp32")
     models: dict[str, torch.nn.Module] = {"fp32": dense}
     sizes: dict[str, Any] = {"fp32_file_bytes": (workdir / task / "export-fp32" / "model.safetensors").stat().st_size}
-    for variant in ("ptq", "qat"):
-        checkpoint = checkpoints["fp32" if variant == "ptq" else "qat"]
+    for variant in ("ptq", *(run for run in QAT_RUNS if run in checkpoints)):
+        checkpoint = checkpoints["fp32" if variant == "ptq" else variant]
         model = load_task_checkpoint(checkpoint).model.eval()
         state = None if variant == "ptq" else checkpoint_qat_state(torch.load(checkpoint, weights_only=True))
         convert_with_qat_state(model, state)
@@ -129,15 +139,19 @@ def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
         f"QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
         payload,
-        "Model: all-MiniLM-L6-v2 (offline); QAT from 10 % of the run, weight scales frozen at 90 %; int8 = PyTorch's "
-        "dynamic int8 Linear kernel (per-channel int8 weights, per-tensor activations) on the encoder's Linear layers.",
+        "Model: all-MiniLM-L6-v2 (offline); every row has the same budget. QAT: fake quantization from 10 % of the "
+        "run, or from 67 % after a full-precision fine-tune in the same run; weight scales frozen at 90 %. int8 = "
+        "PyTorch's dynamic int8 Linear kernel (per-channel int8 weights, per-tensor activations) on the encoder's "
+        "Linear layers.",
     )
     for task, result in payload.get("tasks", {}).items():
         metric = TASKS[task]["metric"]
         fp32 = result["fp32"]["final"]
         lines += [f"## {TASKS[task]['title']}", "", f"| model | {metric} | Δ vs fp32 (points) |", "|---|---|---|"]
-        labels = {"fp32": "fp32", "qat_fake": "QAT, fake-quant (end of fit)", "ptq": "post-training int8"}
-        for variant, label in {**labels, "qat_int8": "QAT int8 export"}.items():
+        labels = {"fp32": "fp32", "ptq": "post-training int8"}
+        for run, name in QAT_LABELS.items():
+            labels |= {f"{run}_fake": f"{name}, fake-quant (end of fit)", f"{run}_int8": f"{name}, int8 export"}
+        for variant, label in labels.items():
             if variant in result:
                 score = result[variant]["final"]
                 lines.append(f"| {label} | {score:.4f} | {100 * (score - fp32):+.2f} |")
@@ -147,9 +161,9 @@ def write_report(payload: dict, steps: int) -> Path:
         sizes = timing["sizes"]
         lines += [
             "",
-            f"Linear weights (int8 + scales) / float32: PTQ {sizes['ptq']['linear_weight_ratio']}, QAT "
-            f"{sizes['qat']['linear_weight_ratio']}; whole weights file / fp32 file: {sizes['qat']['file_ratio']} "
-            "(embeddings stay in float32).",
+            "Linear weights (int8 + scales) / float32: "
+            + ", ".join(f"{k} {v['linear_weight_ratio']}" for k, v in sizes.items() if isinstance(v, dict))
+            + f"; whole weights file / fp32 file: {sizes['ptq']['file_ratio']} (embeddings stay in float32).",
             *([f"torchao: {sizes['torchao_error']}"] if "torchao_error" in sizes else []),
             "",
         ]
@@ -166,6 +180,7 @@ def write_report(payload: dict, steps: int) -> Path:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--dense", nargs="*", default=[], help="TASK=CKPT: reuse a dense run of the same budget")
+    parser.add_argument("--qat_runs", nargs="+", default=list(QAT_RUNS), choices=list(QAT_RUNS))
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-quantization-"))
     if args._child:
@@ -187,14 +202,16 @@ def main() -> None:
             else:
                 result["fp32"] = child(task, "fp32")
             checkpoints = {"fp32": dense.get(task) or str(workdir / task / "fp32" / "checkpoints" / "last.ckpt")}
-            result["qat_fake"] = child(task, "qat")
-            checkpoints["qat"] = str(workdir / task / "qat" / "checkpoints" / "last.ckpt")
             result["ptq"] = child(task, "ptq", checkpoints["fp32"])
-            result["qat_int8"] = child(task, "qat-int8", checkpoints["qat"])
+            for run in args.qat_runs:
+                result[f"{run}_fake"] = child(task, run)
+                checkpoints[run] = str(workdir / task / run / "checkpoints" / "last.ckpt")
+                result[f"{run}_int8"] = child(task, f"{run}-int8", checkpoints[run])
             result["timing"] = export_and_time(task, checkpoints, workdir)
             payload["tasks"][task] = result
     if "overhead" in args.parts:
         payload["overhead"] = overhead()
+    carry_over("quantization", args.steps, payload, ["tasks", "overhead"])
     print(f"Report: {write_report(payload, args.steps)}")
 
 

@@ -1,0 +1,40 @@
+"""The benchmark scripts' shared bookkeeping: rerunning one part or task keeps the others' recorded figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import carry_over, report_header
+
+
+def test_a_partial_rerun_keeps_earlier_parts_and_tasks_with_their_origin(tmp_path: Path) -> None:
+    first = {"command": "run 1", "date": "d1", "accuracy": {"ner": 0.8, "sst2": 0.9}, "overhead": {"ratio": 1.1}}
+    (tmp_path / "pruning-600.json").write_text(json.dumps(first))
+
+    second = {"command": "run 2", "date": "d2", "accuracy": {"ner": 0.85}}
+    carry_over("pruning", 600, second, ["accuracy", "overhead"], results=tmp_path)
+    assert second["accuracy"] == {"ner": 0.85, "sst2": 0.9}
+    assert second["overhead"] == {"ratio": 1.1}
+    assert second["carried_over"] == {
+        "overhead": {"command": "run 1", "date": "d1"},
+        "accuracy.sst2": {"command": "run 1", "date": "d1"},
+    }
+    (tmp_path / "pruning-600.json").write_text(json.dumps(second))
+
+    third = {"command": "run 3", "date": "d3", "accuracy": {"ner": 0.86, "sst2": 0.91}}
+    carry_over("pruning", 600, third, ["accuracy", "overhead"], results=tmp_path)
+    assert third["carried_over"] == {"overhead": {"command": "run 1", "date": "d1"}}  # the first origin, not run 2
+    assert "- `overhead` kept from an earlier run: `run 1` (d1)" in report_header("t", {**third, "machine": "m"})
+
+
+def test_nothing_saved_or_nothing_missing_adds_no_origin(tmp_path: Path) -> None:
+    payload = {"command": "run", "date": "d", "accuracy": {"ner": 0.8}}
+    carry_over("quantization", 600, payload, ["accuracy"], results=tmp_path)
+    assert "carried_over" not in payload
+    (tmp_path / "quantization-600.json").write_text(json.dumps(payload))
+    again = {"command": "run", "date": "d", "accuracy": {"ner": 0.7}}
+    carry_over("quantization", 600, again, ["accuracy"], results=tmp_path)
+    assert again == {"command": "run", "date": "d", "accuracy": {"ner": 0.7}}
