@@ -281,14 +281,24 @@ def report_header(title: str, payload: dict[str, Any], *notes: str) -> list[str]
     return [*lines, *(f"- {note}" for note in notes), ""]
 
 
-def save_results(name: str, steps: int, payload: dict[str, Any], lines: list[str]) -> Path:
-    """Write ``benchmarks/results/<name>-<steps>.json`` and ``docs/results/<name>-<steps>.md``; return the page."""
-    data = RESULTS / f"{name}-{steps}.json"
+PAGES = PROJECT_ROOT / "docs" / "results"
+
+
+def save_results(
+    name: str, steps: int, payload: dict[str, Any], lines: list[str], results: Path = RESULTS, pages: Path = PAGES
+) -> Path:
+    """Write ``benchmarks/results/<name>-<steps>.json`` and ``docs/results/<name>-<steps>.md``; return the page.
+
+    Hand-written notes on the figures live in ``docs/results/notes/<name>-<steps>.md`` and are appended to
+    the page each time it is regenerated, so a rerun never drops them.
+    """
+    data = results / f"{name}-{steps}.json"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(payload, indent=2) + "\n")
-    page = PROJECT_ROOT / "docs" / "results" / f"{name}-{steps}.md"
+    page = pages / f"{name}-{steps}.md"
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("\n".join(lines))
+    notes = pages / "notes" / page.name
+    page.write_text("\n".join([*lines, *([notes.read_text().rstrip("\n"), ""] if notes.exists() else [])]))
     return page
 
 

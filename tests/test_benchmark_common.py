@@ -1,4 +1,4 @@
-"""The benchmark scripts' shared bookkeeping: rerunning one part or task keeps the others' recorded figures."""
+"""The benchmark scripts' shared bookkeeping: rerunning one part or task keeps the others' figures and notes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import carry_over, report_header
+from common import carry_over, report_header, save_results
 
 
 def test_a_partial_rerun_keeps_earlier_parts_and_tasks_with_their_origin(tmp_path: Path) -> None:
@@ -38,3 +38,14 @@ def test_nothing_saved_or_nothing_missing_adds_no_origin(tmp_path: Path) -> None
     again = {"command": "run", "date": "d", "accuracy": {"ner": 0.7}}
     carry_over("quantization", 600, again, ["accuracy"], results=tmp_path)
     assert again == {"command": "run", "date": "d", "accuracy": {"ner": 0.7}}
+
+
+def test_a_regenerated_page_keeps_its_hand_written_notes(tmp_path: Path) -> None:
+    pages, results = tmp_path / "pages", tmp_path / "results"
+    (pages / "notes").mkdir(parents=True)
+    (pages / "notes" / "pruning-600.md").write_text("Notes: the aim was missed at 80 %.\n")
+    for score in ("0.80", "0.85"):
+        page = save_results("pruning", 600, {"f1": score}, ["# Pruning", f"f1 {score}", ""], results, pages)
+    assert page.read_text() == "# Pruning\nf1 0.85\n\nNotes: the aim was missed at 80 %.\n"
+    assert json.loads((results / "pruning-600.json").read_text()) == {"f1": "0.85"}
+    assert save_results("distillation", 600, {}, ["# KD", ""], results, pages).read_text() == "# KD\n"
