@@ -22,6 +22,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+PAGES = PROJECT_ROOT / "docs" / "results"
+
+
+def results_file(name: str, steps: int, results: Path = RESULTS) -> Path:
+    """Where a benchmark's figures are saved: ``benchmarks/results/<name>-<steps>.json``."""
+    return results / f"{name}-{steps}.json"
 
 
 def machine() -> str:
@@ -251,7 +257,7 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
     ``keys`` name the payload's parts (e.g. ``["accuracy", "overhead"]``); a part that is a dict keyed by task
     is merged task by task, so rerunning one task or one part leaves the others' recorded figures in place.
     """
-    saved = results / f"{name}-{steps}.json"
+    saved = results_file(name, steps, results)
     if not saved.exists():
         return
     previous = json.loads(saved.read_text())
@@ -281,9 +287,6 @@ def report_header(title: str, payload: dict[str, Any], *notes: str) -> list[str]
     return [*lines, *(f"- {note}" for note in notes), ""]
 
 
-PAGES = PROJECT_ROOT / "docs" / "results"
-
-
 def save_results(
     name: str, steps: int, payload: dict[str, Any], lines: list[str], results: Path = RESULTS, pages: Path = PAGES
 ) -> Path:
@@ -292,7 +295,7 @@ def save_results(
     Hand-written notes on the figures live in ``docs/results/notes/<name>-<steps>.md`` and are appended to
     the page each time it is regenerated, so a rerun never drops them.
     """
-    data = results / f"{name}-{steps}.json"
+    data = results_file(name, steps, results)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(payload, indent=2) + "\n")
     page = pages / f"{name}-{steps}.md"

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, TASKS, fit_recipe, machine, step_budget, today
+from common import PAGES, PROJECT_ROOT, RESULTS, TASKS, fit_recipe, machine, step_budget, today
 
 
 def run_task(task: str, full: bool, workdir: Path, steps: int) -> dict:
@@ -29,7 +29,7 @@ def run_task(task: str, full: bool, workdir: Path, steps: int) -> dict:
 
 def write_report(results: list[dict], full: bool, command: str) -> Path:
     suffix = "-full" if full else ""
-    json_path = PROJECT_ROOT / "benchmarks" / "results" / f"dense_baselines{suffix}.json"
+    json_path = RESULTS / f"dense_baselines{suffix}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "machine": machine(), "date": today()}
     json_path.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
@@ -61,7 +61,7 @@ def write_report(results: list[dict], full: bool, command: str) -> Path:
                 "|---|---|",
             ]
             lines += [f"| {h['step']} | {h[r['metric']]:.4f} |" for h in r["history"] if r["metric"] in h]
-    md_path = PROJECT_ROOT / "docs" / "results" / f"dense-baselines{suffix}.md"
+    md_path = PAGES / f"dense-baselines{suffix}.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
     return md_path

@@ -5,8 +5,9 @@ neurons at 25/50 %) fine-tunes the offline MiniLM-L6 with the task's recipe and 
 in its own process, then is exported the way a user would (``save_sparse`` for unstructured,
 ``shrink_pruned`` for structured). Two 80 % variants add ``KnowledgeDistillation`` with the dense run
 as teacher: ``unstructured-80-kd`` with the same budget, and ``unstructured-80-kd-from-dense``, which
-starts from the dense run's weights (so its model has seen twice the budget). Size and latency (batch 8, sequence 128, fp32, all cores) are
-ratios to the dense model, measured in one process with the variants interleaved.
+starts from the dense run's weights (so its model has seen twice the budget). Size and latency
+(batch 8, sequence 128, fp32, all cores) are ratios to the dense model, measured in one process with
+the variants interleaved.
 
 Overhead part: training-step time (whole loop iteration, data loading included) with no callback,
 with PruningScheduler and with Lightning's ``ModelPruning`` at the same 80 % sparsity, in one process.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, payload_header, report_header
+from common import PAGES, PROJECT_ROOT, RESULTS, payload_header, report_header
 
 MIB = 2**20
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
@@ -230,9 +230,9 @@ def write_report(payload: dict) -> Path:
         f"- ratio: {state['adamw8bit'] / state['adamw (float32)']:.3f}",
         "",
     ]
-    page = PROJECT_ROOT / "docs" / "results" / "sharding.md"
+    page = PAGES / "sharding.md"
     page.write_text("\n".join(lines))
-    (PROJECT_ROOT / "benchmarks" / "results" / "sharding.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "sharding.json").write_text(json.dumps(payload, indent=2) + "\n")
     return page
 
 
