@@ -109,12 +109,13 @@ TASKS = {
 }
 
 
-def step_budget(steps: int) -> list[str]:
-    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end."""
+def step_budget(steps: int, seed: int | None = None) -> list[str]:
+    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end (and ``seed``, if given)."""
     return [
         f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={steps}",
         "--trainer.check_val_every_n_epoch=null",
+        *([f"--seed_everything={seed}"] if seed is not None else []),
     ]
 
 
@@ -214,12 +215,17 @@ def latency_inputs(batch: int = 8, length: int = 128) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
 
 
-def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options every benchmark script shares (``--_child`` is how a script runs one variant in a child)."""
+def benchmark_parser(doc: str | None, extra_parts: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (``--_child`` is how a script runs one variant in a child).
+
+    ``extra_parts`` are parts a script offers beyond ``accuracy`` and ``overhead``; they run only when named.
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "overhead"], choices=["accuracy", "overhead"])
+    parts = ["accuracy", "overhead"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=[*parts, *extra_parts])
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # a child's seed_everything
     parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     parser.add_argument("--skip_done", action="store_true", help="reuse runs whose result.json is in --workdir")
     parser.add_argument("--_child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -232,14 +238,33 @@ def payload_header(script: str) -> dict[str, Any]:
 
 
 def run_child(
-    script: str, workdir: Path, steps: int, task: str, variant: str, *extra: str, skip_done: bool = False
+    script: str,
+    workdir: Path,
+    steps: int,
+    task: str,
+    variant: str,
+    *extra: str,
+    skip_done: bool = False,
+    seed: int | None = None,
 ) -> dict:
-    """Run one variant of ``script`` in a child process (or reuse its result) and return its ``result.json``."""
+    """Run one variant of ``script`` in a child process (or reuse its result) and return its ``result.json``.
+
+    With ``seed``, the child trains with that ``seed_everything`` and works in ``workdir/seed-<seed>``.
+    """
+    if seed is not None:
+        workdir = workdir / f"seed-{seed}"
     done = workdir / task / variant / "result.json"
     if not (skip_done and done.exists()):
-        print(f"== {task} / {variant}", flush=True)
+        print(f"== {task} / {variant}" + (f" / seed {seed}" if seed is not None else ""), flush=True)
         command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / script), "--_child", task, variant, *extra]
-        subprocess.run([*command, "--workdir", str(workdir), "--steps", str(steps)], check=True, cwd=PROJECT_ROOT)
+        command += [
+            "--workdir",
+            str(workdir),
+            "--steps",
+            str(steps),
+            *(["--seed", str(seed)] if seed is not None else []),
+        ]
+        subprocess.run(command, check=True, cwd=PROJECT_ROOT)
     result = json.loads(done.read_text())
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
     return result

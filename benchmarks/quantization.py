@@ -9,9 +9,12 @@ Both int8 models are validated through ``memopt validate`` with the conversion d
 checkpoint is restored. Size: the Linear weights' bytes and the weights file, as ratios to fp32.
 Latency: batch 8 x 128 tokens, fp32 vs PTQ vs QAT int8 vs torchao's int8 dynamic quantization, interleaved
 in one process. Overhead: seconds per training step with and without the callback, in one process.
+Seeds (a part run only when named): fp32, PTQ and the QAT runs again with other ``seed_everything``
+values, each trained here, so the page can give each model's mean and the spread of its gap to fp32.
 
     python benchmarks/quantization.py                                   # quick: 40 steps, both tasks
     python benchmarks/quantization.py --steps 600 --tasks ner --dense ner=/path/to/dense/last.ckpt
+    python benchmarks/quantization.py --steps 600 --parts seeds --seeds 7 13 --workdir /tmp/q --skip_done
 
 Results: ``benchmarks/results/quantization-<steps>.json`` and ``docs/results/quantization-<steps>.md``.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 import copy
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +70,16 @@ QAT_RUNS: dict[str, dict[str, float]] = {
 QAT_LABELS = {"qat": "QAT from 10 %", "qat-late": "QAT from 67 % (full precision before)"}
 
 
-def run_variant(task: str, variant: str, workdir: Path, steps: int, checkpoint: str | None) -> dict:
+def run_variant(
+    task: str, variant: str, workdir: Path, steps: int, checkpoint: str | None, seed: int | None = None
+) -> dict:
     """Fit dense or QAT, or validate a checkpoint converted to int8 (runs in a child process)."""
     from lightning_memopt import QuantizationAwareTraining
     from lightning_memopt.cli import run_cli
 
     if variant == "fp32" or variant in QAT_RUNS:
         callbacks = [QuantizationAwareTraining(**QAT_RUNS[variant])] if variant in QAT_RUNS else []
-        return fit_recipe(task, workdir / task / variant, step_budget(steps), callbacks)[1]
+        return fit_recipe(task, workdir / task / variant, step_budget(steps, seed), callbacks)[1]
     assert checkpoint is not None  # "fp32-validate": as is; "ptq" / "<QAT run>-int8": converted to int8 first
     state = checkpoint_qat_state(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
     callbacks = [] if variant == "fp32-validate" else [ConvertToInt8(state)]
@@ -135,6 +142,29 @@ def overhead(repeats: int = 2) -> dict[str, Any]:
     }
 
 
+RECIPE_SEED = "42"  # the recipes' seed_everything: the rows of the per-task tables above
+
+
+def seed_table(task: str, by_seed: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows: each model's int8 score per seed, the mean, and Δ vs fp32 of the same seed (mean, range)."""
+    models = {"fp32": "fp32", "ptq": "post-training int8"}
+    models |= {f"{run}_int8": f"{name}, int8 export" for run, name in QAT_LABELS.items()}
+    seeds = [seed for seed, result in by_seed.items() if "fp32" in result]
+    metric = TASKS[task]["metric"]
+    lines = [f"## {TASKS[task]['title']}: {metric} across seeds", ""]
+    lines += ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | Δ vs fp32, mean [min, max] |"]
+    lines += ["|---" * (len(seeds) + 3) + "|"]
+    for key, label in models.items():
+        if not all(key in by_seed[seed] for seed in seeds):
+            continue
+        scores = [by_seed[seed][key]["final"] for seed in seeds]
+        deltas = [100 * (score - by_seed[seed]["fp32"]["final"]) for score, seed in zip(scores, seeds, strict=True)]
+        cells = " | ".join(f"{score:.4f}" for score in scores)
+        spread = f"{sum(deltas) / len(deltas):+.2f} [{min(deltas):+.2f}, {max(deltas):+.2f}]" if key != "fp32" else ""
+        lines.append(f"| {label} | {cells} | {sum(scores) / len(scores):.4f} | {spread} |")
+    return [*lines, ""]
+
+
 def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
         f"QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
@@ -167,6 +197,8 @@ def write_report(payload: dict, steps: int) -> Path:
             *([f"torchao: {sizes['torchao_error']}"] if "torchao_error" in sizes else []),
             "",
         ]
+    for task, by_seed in payload.get("seeds", {}).items():
+        lines += seed_table(task, {RECIPE_SEED: payload.get("tasks", {}).get(task, {}), **by_seed})
     if "overhead" in payload:
         o = payload["overhead"]
         lines += [
@@ -177,41 +209,63 @@ def write_report(payload: dict, steps: int) -> Path:
     return save_results("quantization", steps, payload, lines)
 
 
+def accuracy_runs(
+    task: str, child: Callable[..., dict], workdir: Path, qat_runs: list[str], dense: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """fp32 (trained, or ``dense`` validated), PTQ and each QAT run's fake-quant and int8 scores; and checkpoints."""
+    result: dict[str, Any] = {}
+    if dense:
+        result["fp32"] = child(task, "fp32-validate", dense) | {"reused": dense}
+    else:
+        result["fp32"] = child(task, "fp32")
+    checkpoints = {"fp32": dense or str(workdir / task / "fp32" / "checkpoints" / "last.ckpt")}
+    result["ptq"] = child(task, "ptq", checkpoints["fp32"])
+    for run in qat_runs:
+        result[f"{run}_fake"] = child(task, run)
+        checkpoints[run] = str(workdir / task / run / "checkpoints" / "last.ckpt")
+        result[f"{run}_int8"] = child(task, f"{run}-int8", checkpoints[run])
+    return result, checkpoints
+
+
 def main() -> None:
-    parser = benchmark_parser(__doc__)
+    parser = benchmark_parser(__doc__, extra_parts=("seeds",))
     parser.add_argument("--dense", nargs="*", default=[], help="TASK=CKPT: reuse a dense run of the same budget")
     parser.add_argument("--qat_runs", nargs="+", default=list(QAT_RUNS), choices=list(QAT_RUNS))
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[7, 13], help="part 'seeds': repeat the accuracy runs with these seeds"
+    )
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-quantization-"))
     if args._child:
         task, variant, checkpoint = args._child
-        result = run_variant(task, variant, workdir, args.steps, None if checkpoint == "-" else checkpoint)
-        write_child_result(workdir, task, variant, result)
+        checkpoint = None if checkpoint == "-" else checkpoint
+        write_child_result(
+            workdir, task, variant, run_variant(task, variant, workdir, args.steps, checkpoint, args.seed)
+        )
         return
     dense = dict(item.split("=", 1) for item in args.dense)
     payload: dict[str, Any] = {**payload_header("quantization.py"), "tasks": {}}
 
-    def child(task: str, variant: str, checkpoint: str = "-") -> dict:
-        return run_child("quantization.py", workdir, args.steps, task, variant, checkpoint, skip_done=args.skip_done)
+    def child(task: str, variant: str, checkpoint: str = "-", seed: int | None = None) -> dict:
+        return run_child(
+            "quantization.py", workdir, args.steps, task, variant, checkpoint, skip_done=args.skip_done, seed=seed
+        )
 
     if "accuracy" in args.parts:
         for task in args.tasks:
-            result: dict[str, Any] = {}
-            if task in dense:
-                result["fp32"] = child(task, "fp32-validate", dense[task]) | {"reused": dense[task]}
-            else:
-                result["fp32"] = child(task, "fp32")
-            checkpoints = {"fp32": dense.get(task) or str(workdir / task / "fp32" / "checkpoints" / "last.ckpt")}
-            result["ptq"] = child(task, "ptq", checkpoints["fp32"])
-            for run in args.qat_runs:
-                result[f"{run}_fake"] = child(task, run)
-                checkpoints[run] = str(workdir / task / run / "checkpoints" / "last.ckpt")
-                result[f"{run}_int8"] = child(task, f"{run}-int8", checkpoints[run])
-            result["timing"] = export_and_time(task, checkpoints, workdir)
-            payload["tasks"][task] = result
+            result, checkpoints = accuracy_runs(task, child, workdir, args.qat_runs, dense.get(task))
+            payload["tasks"][task] = result | {"timing": export_and_time(task, checkpoints, workdir)}
+    if "seeds" in args.parts:
+        payload["seeds"] = {
+            task: {
+                str(seed): accuracy_runs(task, partial(child, seed=seed), workdir / f"seed-{seed}", args.qat_runs)[0]
+                for seed in args.seeds
+            }
+            for task in args.tasks
+        }
     if "overhead" in args.parts:
         payload["overhead"] = overhead()
-    carry_over("quantization", args.steps, payload, ["tasks", "overhead"])
+    carry_over("quantization", args.steps, payload, ["tasks", "seeds", "overhead"])
     print(f"Report: {write_report(payload, args.steps)}")
 
 

@@ -49,3 +49,16 @@ def test_a_regenerated_page_keeps_its_hand_written_notes(tmp_path: Path) -> None
     assert page.read_text() == "# Pruning\nf1 0.85\n\nNotes: the aim was missed at 80 %.\n"
     assert json.loads((results / "pruning-600.json").read_text()) == {"f1": "0.85"}
     assert save_results("distillation", 600, {}, ["# KD", ""], results, pages).read_text() == "# KD\n"
+
+
+def test_the_seed_table_gives_each_models_mean_and_its_gap_to_fp32_of_the_same_seed() -> None:
+    from quantization import seed_table
+
+    def scores(fp32: float, ptq: float) -> dict:
+        return {"fp32": {"final": fp32}, "ptq": {"final": ptq}}
+
+    lines = seed_table("sst2", {"42": scores(0.86, 0.85), "7": scores(0.88, 0.885), "13": {}})
+    assert lines[2] == "| model | seed 42 | seed 7 | mean | Δ vs fp32, mean [min, max] |"  # seed 13 has no runs
+    assert lines[4] == "| fp32 | 0.8600 | 0.8800 | 0.8700 |  |"
+    assert lines[5] == "| post-training int8 | 0.8500 | 0.8850 | 0.8675 | -0.25 [-1.00, +0.50] |"
+    assert len(lines) == 7  # no QAT rows: no seed has them
