@@ -25,9 +25,14 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 PAGES = PROJECT_ROOT / "docs" / "results"
 
 
+def budget_name(steps: int) -> str:
+    """How results pages name a budget: the step count, or ``full`` for 0 (each recipe's own length)."""
+    return str(steps) if steps else "full"
+
+
 def results_file(name: str, steps: int, results: Path = RESULTS) -> Path:
-    """Where a benchmark's figures are saved: ``benchmarks/results/<name>-<steps>.json``."""
-    return results / f"{name}-{steps}.json"
+    """Where a benchmark's figures are saved: ``benchmarks/results/<name>-<steps or full>.json``."""
+    return results / f"{name}-{budget_name(steps)}.json"
 
 
 def machine() -> str:
@@ -110,13 +115,14 @@ TASKS = {
 
 
 def step_budget(steps: int, seed: int | None = None) -> list[str]:
-    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end (and ``seed``, if given)."""
-    return [
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={steps}",
-        "--trainer.check_val_every_n_epoch=null",
-        *([f"--seed_everything={seed}"] if seed is not None else []),
-    ]
+    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end (and ``seed``, if given).
+
+    ``steps=0`` keeps the recipe's own length (3 epochs CoNLL-2003, 1 epoch SST-2) and validation points.
+    """
+    budget = [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"] if steps else []
+    if steps:
+        budget.append("--trainer.check_val_every_n_epoch=null")
+    return [*budget, *([f"--seed_everything={seed}"] if seed is not None else [])]
 
 
 def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
@@ -221,7 +227,9 @@ def benchmark_parser(doc: str | None, extra_parts: tuple[str, ...] = ()) -> argp
     ``extra_parts`` are parts a script offers beyond ``accuracy`` and ``overhead``; they run only when named.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (docs: 600)")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="optimizer steps per run (docs: 600; 0: each recipe's own length)"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parts = ["accuracy", "overhead"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=[*parts, *extra_parts])
@@ -323,7 +331,7 @@ def save_results(
     data = results_file(name, steps, results)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(payload, indent=2) + "\n")
-    page = pages / f"{name}-{steps}.md"
+    page = pages / f"{name}-{budget_name(steps)}.md"
     page.parent.mkdir(parents=True, exist_ok=True)
     notes = pages / "notes" / page.name
     page.write_text("\n".join([*lines, *([notes.read_text().rstrip("\n"), ""] if notes.exists() else [])]))

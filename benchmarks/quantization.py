@@ -15,8 +15,10 @@ values, each trained here, so the page can give each model's mean and the spread
     python benchmarks/quantization.py                                   # quick: 40 steps, both tasks
     python benchmarks/quantization.py --steps 600 --tasks ner --dense ner=/path/to/dense/last.ckpt
     python benchmarks/quantization.py --steps 600 --parts seeds --seeds 7 13 --workdir /tmp/q --skip_done
+    python benchmarks/quantization.py --steps 0 --dense ner=/path/to/full/last.ckpt   # the recipes' own length
 
-Results: ``benchmarks/results/quantization-<steps>.json`` and ``docs/results/quantization-<steps>.md``.
+Results: ``benchmarks/results/quantization-<steps>.json`` and ``docs/results/quantization-<steps>.md``
+(``-full`` for ``--steps 0``).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def seed_table(task: str, by_seed: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
-        f"QuantizationAwareTraining benchmark ({steps} optimizer steps per run)",
+        f"QuantizationAwareTraining benchmark ({f'{steps} optimizer steps' if steps else 'full recipe length'} per run)",
         payload,
         "Model: all-MiniLM-L6-v2 (offline); every row has the same budget. QAT: fake quantization from 10 % of the "
         "run, or from 67 % after a full-precision fine-tune in the same run; weight scales frozen at 90 %. int8 = "
