@@ -305,7 +305,7 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
         if key not in payload:
             payload[key], origins[key] = previous[key], origin(key)
         elif isinstance(payload[key], dict) and isinstance(previous[key], dict):
-            for sub in previous[key].keys() - payload[key].keys():
+            for sub in [sub for sub in previous[key] if sub not in payload[key]]:  # in the saved order
                 payload[key][sub], origins[f"{key}.{sub}"] = previous[key][sub], origin(f"{key}.{sub}")
     if not origins:
         del payload["carried_over"]

@@ -62,3 +62,11 @@ def test_the_seed_table_gives_each_models_mean_and_its_gap_to_fp32_of_the_same_s
     assert lines[4] == "| fp32 | 0.8600 | 0.8800 | 0.8700 |  |"
     assert lines[5] == "| post-training int8 | 0.8500 | 0.8850 | 0.8675 | -0.25 [-1.00, +0.50] |"
     assert len(lines) == 7  # no QAT rows: no seed has them
+
+
+def test_carried_over_tasks_keep_their_saved_order(tmp_path: Path) -> None:
+    saved = {"command": "run 1", "date": "d1", "tasks": {name: {} for name in "abcdefgh"}}
+    (tmp_path / "quantization-full.json").write_text(json.dumps(saved))
+    payload: dict = {"command": "run 2", "date": "d2", "tasks": {}}
+    carry_over("quantization", 0, payload, ["tasks"], results=tmp_path)  # steps 0: the recipes' own length
+    assert list(payload["tasks"]) == list("abcdefgh")
