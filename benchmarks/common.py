@@ -119,10 +119,13 @@ def step_budget(steps: int, seed: int | None = None) -> list[str]:
 
     ``steps=0`` keeps the recipe's own length (3 epochs CoNLL-2003, 1 epoch SST-2) and validation points.
     """
-    budget = [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"] if steps else []
+    budget = []
     if steps:
-        budget.append("--trainer.check_val_every_n_epoch=null")
-    return [*budget, *([f"--seed_everything={seed}"] if seed is not None else [])]
+        budget += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+        budget += ["--trainer.check_val_every_n_epoch=null"]
+    if seed is not None:
+        budget.append(f"--seed_everything={seed}")
+    return budget
 
 
 def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
