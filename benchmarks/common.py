@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def budget_name(steps: int) -> str:
 def results_file(name: str, steps: int, results: Path = RESULTS) -> Path:
     """Where a benchmark's figures are saved: ``benchmarks/results/<name>-<steps or full>.json``."""
     return results / f"{name}-{budget_name(steps)}.json"
+
+
+def load_results(name: str, steps: int, results: Path = RESULTS) -> dict[str, Any]:
+    """The saved figures of ``name`` at ``steps`` (for ``--render``); a clear error if none were saved."""
+    saved = results_file(name, steps, results)
+    if not saved.exists():
+        raise SystemExit(f"--render: no saved results at {saved}; run the benchmark with --steps {steps} first")
+    return json.loads(saved.read_text())
 
 
 def machine() -> str:
@@ -238,7 +247,12 @@ def benchmark_parser(doc: str | None, extra_parts: tuple[str, ...] = ()) -> argp
     parser.add_argument("--parts", nargs="+", default=parts, choices=[*parts, *extra_parts])
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # a child's seed_everything
     parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
-    parser.add_argument("--skip_done", action="store_true", help="reuse runs whose result.json is in --workdir")
+    parser.add_argument(
+        "--skip_done", action="store_true", help="reuse runs whose result.json is in --workdir (others start afresh)"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the docs page from the saved results and notes; run nothing"
+    )
     parser.add_argument("--_child", nargs="+", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -266,6 +280,7 @@ def run_child(
         workdir = workdir / f"seed-{seed}"
     done = workdir / task / variant / "result.json"
     if not (skip_done and done.exists()):
+        shutil.rmtree(done.parent, ignore_errors=True)  # an earlier or interrupted run's checkpoints and logs
         print(f"== {task} / {variant}" + (f" / seed {seed}" if seed is not None else ""), flush=True)
         command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / script), "--_child", task, variant, *extra]
         command += [

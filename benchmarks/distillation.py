@@ -33,6 +33,7 @@ from common import (
     benchmark_parser,
     carry_over,
     fit_recipe,
+    load_results,
     payload_header,
     report_header,
     run_child,
@@ -173,6 +174,9 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--teacher", nargs="*", default=[], help="TASK=CKPT: reuse a fine-tuned teacher")
     args = parser.parse_args()
+    if args.render:
+        print(f"Report: {write_report(load_results('distillation', args.steps), args.steps)}")
+        return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-distillation-"))
     if args._child:
         task, variant, teacher = args._child

@@ -36,6 +36,7 @@ from common import (
     fit_recipe,
     latency_inputs,
     latency_ms,
+    load_results,
     payload_header,
     report_header,
     run_child,
@@ -220,6 +221,9 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    if args.render:
+        print(f"Report: {write_report(load_results('pruning', args.steps), args.steps)}")
+        return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-pruning-"))
     if args._child:
         task, variant = args._child

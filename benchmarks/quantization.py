@@ -43,6 +43,7 @@ from common import (
     fit_recipe,
     latency_inputs,
     latency_ms,
+    load_results,
     payload_header,
     report_header,
     run_child,
@@ -237,6 +238,9 @@ def main() -> None:
         "--seeds", nargs="+", type=int, default=[7, 13], help="part 'seeds': repeat the accuracy runs with these seeds"
     )
     args = parser.parse_args()
+    if args.render:
+        print(f"Report: {write_report(load_results('quantization', args.steps), args.steps)}")
+        return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="memopt-quantization-"))
     if args._child:
         task, variant, checkpoint = args._child

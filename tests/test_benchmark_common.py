@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import carry_over, report_header, save_results
+from common import carry_over, load_results, report_header, save_results
 
 
 def test_a_partial_rerun_keeps_earlier_parts_and_tasks_with_their_origin(tmp_path: Path) -> None:
@@ -49,6 +52,14 @@ def test_a_regenerated_page_keeps_its_hand_written_notes(tmp_path: Path) -> None
     assert page.read_text() == "# Pruning\nf1 0.85\n\nNotes: the aim was missed at 80 %.\n"
     assert json.loads((results / "pruning-600.json").read_text()) == {"f1": "0.85"}
     assert save_results("distillation", 600, {}, ["# KD", ""], results, pages).read_text() == "# KD\n"
+
+
+def test_render_reads_back_what_was_saved_and_names_the_budget_when_nothing_was(tmp_path: Path) -> None:
+    payload = {"command": "run", "tasks": {"ner": {"fp32": {"final": 0.9}}}}
+    save_results("quantization", 0, payload, ["# Q", ""], tmp_path, tmp_path / "pages")
+    assert load_results("quantization", 0, tmp_path) == payload
+    with pytest.raises(SystemExit, match=re.escape("quantization-600.json; run the benchmark with --steps 600 first")):
+        load_results("quantization", 600, tmp_path)
 
 
 def test_the_seed_table_gives_each_models_mean_and_its_gap_to_fp32_of_the_same_seed() -> None:
