@@ -137,6 +137,11 @@ def step_budget(steps: int, seed: int | None = None) -> list[str]:
     return budget
 
 
+def budget_words(steps: int) -> str:
+    """How a results page names its budget: ``budget_words(600) == "600 optimizer steps"``; 0 is each recipe's own."""
+    return f"{steps} optimizer steps" if steps else "full recipe length"
+
+
 def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
     """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded."""
     with metrics_csv.open() as handle:

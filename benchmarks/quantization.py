@@ -39,6 +39,7 @@ from common import (
     PROJECT_ROOT,
     TASKS,
     benchmark_parser,
+    budget_words,
     carry_over,
     fit_recipe,
     latency_inputs,
@@ -170,7 +171,7 @@ def seed_table(task: str, by_seed: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_report(payload: dict, steps: int) -> Path:
     lines = report_header(
-        f"QuantizationAwareTraining benchmark ({f'{steps} optimizer steps' if steps else 'full recipe length'} per run)",
+        f"QuantizationAwareTraining benchmark ({budget_words(steps)} per run)",
         payload,
         "Model: all-MiniLM-L6-v2 (offline); every row has the same budget. QAT: fake quantization from 10 % of the "
         "run, or from 67 % after a full-precision fine-tune in the same run; weight scales frozen at 90 %. int8 = "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import carry_over, load_results, report_header, save_results
+from common import budget_words, carry_over, load_results, report_header, save_results
 
 
 def test_a_partial_rerun_keeps_earlier_parts_and_tasks_with_their_origin(tmp_path: Path) -> None:
@@ -81,3 +81,8 @@ def test_carried_over_tasks_keep_their_saved_order(tmp_path: Path) -> None:
     payload: dict = {"command": "run 2", "date": "d2", "tasks": {}}
     carry_over("quantization", 0, payload, ["tasks"], results=tmp_path)  # steps 0: the recipes' own length
     assert list(payload["tasks"]) == list("abcdefgh")
+
+
+def test_page_titles_name_a_step_budget_or_the_recipes_own_length() -> None:
+    assert budget_words(600) == "600 optimizer steps"
+    assert budget_words(0) == "full recipe length"  # --steps 0, not "0 optimizer steps"
