@@ -75,12 +75,14 @@ def test_the_seed_table_gives_each_models_mean_and_its_gap_to_fp32_of_the_same_s
     assert len(lines) == 7  # no QAT rows: no seed has them
 
 
-def test_carried_over_tasks_keep_their_saved_order(tmp_path: Path) -> None:
-    saved = {"command": "run 1", "date": "d1", "tasks": {name: {} for name in "abcdefgh"}}
+def test_tasks_keep_their_saved_order_when_some_are_rerun(tmp_path: Path) -> None:
+    saved = {"command": "run 1", "date": "d1", "tasks": {name: {"run": 1} for name in "abcdefgh"}}
     (tmp_path / "quantization-full.json").write_text(json.dumps(saved))
-    payload: dict = {"command": "run 2", "date": "d2", "tasks": {}}
+    payload: dict = {"command": "run 2", "date": "d2", "tasks": {"z": {"run": 2}, "f": {"run": 2}}}
     carry_over("quantization", 0, payload, ["tasks"], results=tmp_path)  # steps 0: the recipes' own length
-    assert list(payload["tasks"]) == list("abcdefgh")
+    assert list(payload["tasks"]) == [*"abcdefgh", "z"]  # a rerun task stays in place, a new one goes last
+    assert payload["tasks"]["f"] == {"run": 2} and payload["tasks"]["a"] == {"run": 1}
+    assert "tasks.f" not in payload["carried_over"] and payload["carried_over"]["tasks.a"]["command"] == "run 1"
 
 
 def test_page_titles_name_a_step_budget_or_the_recipes_own_length() -> None:
