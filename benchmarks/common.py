@@ -328,11 +328,10 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
         if key not in payload:
             payload[key], origins[key] = previous[key], origin(key)
         elif isinstance(payload[key], dict) and isinstance(previous[key], dict):
-            fresh = payload[key]
-            for sub in [sub for sub in previous[key] if sub not in fresh]:
+            for sub in [sub for sub in previous[key] if sub not in payload[key]]:
                 origins[f"{key}.{sub}"] = origin(f"{key}.{sub}")
-            # the saved order, so rerunning one task does not move it on the page; new tasks go last
-            payload[key] = {sub: fresh.get(sub, previous[key].get(sub)) for sub in {**previous[key], **fresh}}
+            # saved order with this run's figures: a rerun task keeps its place on the page, a new one goes last
+            payload[key] = {**previous[key], **payload[key]}
     if not origins:
         del payload["carried_over"]
 
