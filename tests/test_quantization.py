@@ -109,6 +109,12 @@ def test_resume_mid_qat_continues_exactly_and_checkpoints_load_into_the_plain_mo
     trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, callbacks=[again])
     trainer.test(straight, datamodule=data, ckpt_path=str(tmp_path / "straight" / "last.ckpt"))
     assert "test_f1" in trainer.callback_metrics and again.enabled  # evaluation runs the quantized model
+    # ... with the weight scales frozen in the checkpoint, as training and the int8 export use them
+    frozen = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)["callbacks"]
+    frozen = next(v for k, v in frozen.items() if k.startswith("QuantizationAwareTraining"))["frozen_scales"]
+    assert frozen.keys() == again.layers.keys()
+    for name, layer in again.layers.items():
+        assert torch.equal(layer.frozen_scales, frozen[name]), name
     trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, callbacks=[QuantizationAwareTraining()])
     trainer.fit(straight, datamodule=data)
     assert trainer.global_step == 2

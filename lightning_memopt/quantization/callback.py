@@ -108,6 +108,7 @@ class QuantizationAwareTraining(Callback):
         self.frozen_scales: dict[str, Tensor] = {}
         self.start_step = 0
         self.freeze_step: int | None = None
+        self.evaluating = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -122,6 +123,8 @@ class QuantizationAwareTraining(Callback):
         self.enabled = bool(state_dict["enabled"])
         self.frozen_scales = dict(state_dict.get("frozen_scales", {}))
         self._restored_layers = list(state_dict.get("layers", []))
+        if self.layers:  # validate/test restore callbacks after setup: evaluate with the checkpoint's frozen scales
+            self._set(enabled=self.enabled or self.evaluating)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -139,7 +142,8 @@ class QuantizationAwareTraining(Callback):
                 "pass name patterns that match some of them."
             )
         self.layers = {n: pl_module.get_submodule(n) for n in names}
-        self._set(enabled=stage != "fit" or self.enabled)  # evaluation alone runs the quantized model
+        self.evaluating = stage != "fit"
+        self._set(enabled=self.evaluating or self.enabled)  # evaluation alone runs the quantized model
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
