@@ -18,6 +18,7 @@ from lightning_memopt import (
 )
 from lightning_memopt.cli import main as memopt_main
 from lightning_memopt.quantization import FakeQuantLinear, Int8DynamicLinear, load_int8
+from lightning_memopt.quantization.export import checkpoint_qat_state
 
 
 class Probe(Callback):
@@ -68,8 +69,7 @@ def test_schedule_then_int8_export_matches_fake_quant_at_a_quarter_of_the_bytes(
     # Stated tolerance: 1e-3 of the logits' scale, and the same predicted tag at every position.
     assert (real - fake).abs().max() <= 1e-3 * fake.abs().max()
     assert torch.equal(real.argmax(-1), fake.argmax(-1))
-    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
-    frozen = next(v for k, v in state.items() if k.startswith("QuantizationAwareTraining"))["frozen_scales"]
+    frozen = checkpoint_qat_state(torch.load(tmp_path / "last.ckpt", weights_only=True))["frozen_scales"]
     layer = "model.bert.encoder.layer.0.intermediate.dense"
     assert torch.equal(int8.bert.encoder.layer[0].intermediate.dense.weight_scale, frozen[layer])
     float_bytes = sum(
@@ -110,8 +110,7 @@ def test_resume_mid_qat_continues_exactly_and_checkpoints_load_into_the_plain_mo
     trainer.test(straight, datamodule=data, ckpt_path=str(tmp_path / "straight" / "last.ckpt"))
     assert "test_f1" in trainer.callback_metrics and again.enabled  # evaluation runs the quantized model
     # ... with the weight scales frozen in the checkpoint, as training and the int8 export use them
-    frozen = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)["callbacks"]
-    frozen = next(v for k, v in frozen.items() if k.startswith("QuantizationAwareTraining"))["frozen_scales"]
+    frozen = checkpoint_qat_state(torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True))["frozen_scales"]
     assert frozen.keys() == again.layers.keys()
     for name, layer in again.layers.items():
         assert torch.equal(layer.frozen_scales, frozen[name]), name

@@ -163,7 +163,6 @@ class QuantizationAwareTraining(Callback):
         for option, step in (("start", self.start_step), ("freeze_ranges", self.freeze_step)):
             if step is not None and step > steps:
                 raise ValueError(f"{option} resolves to step {step}, but the run has only {steps} optimizer steps.")
-        self._set(enabled=self.enabled)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(self.layers)} Linear layers, int8 fake quantization from step "
             f"{self.start_step}" + (f", weight scales frozen at step {self.freeze_step}." if self.freeze_step else ".")
