@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import socket
@@ -130,6 +131,34 @@ def test_fit_without_validation_data_or_checkpoint_sections(
     assert cli.trainer.global_step == 2
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert len(checkpoints) == 1 and checkpoints[0].monitor is None  # only Lightning's default one
+
+
+@pytest.mark.parametrize(
+    ("budget", "validated"),
+    [
+        (["--trainer.max_steps=5"], [2, 4, 5]),  # 5 is not a multiple of the interval
+        (["--trainer.max_steps=4"], [2, 4]),  # the schedule validates the last step already: no extra pass
+        (["--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=5"], [2, 4, 5]),
+    ],
+    ids=["max_steps", "on_schedule", "epoch_end"],
+)
+def test_the_last_training_step_is_validated(
+    budget: list[str],
+    validated: list[int],
+    tiny_bert_dir: Path,
+    conll_small: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["memopt"])
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in small_ner_args(tiny_bert_dir, conll_small, steps=5) if "max_steps" not in a]
+    cli = run_cli(["fit", *args, *budget, "--trainer.val_check_interval=2", "--trainer.max_epochs=1"])
+    rows = csv.DictReader((Path(cli.trainer.logger.log_dir) / "metrics.csv").read_text().splitlines())
+    # The CSV's step column counts from 0: a validation after optimizer step 5 is logged at step 4.
+    assert [int(row["step"]) + 1 for row in rows if row["val_f1"]] == validated
+    last = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == validated[-1]  # the final metrics describe the weights last.ckpt holds
 
 
 def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:

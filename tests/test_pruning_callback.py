@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,13 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
         PruningScheduler(criterion="taylor")
     with pytest.raises(ValueError, match="criterion must be 'magnitude' or 'gradient' for structured"):
         PruningScheduler(structure="heads", criterion="movement")
+    for structure, criterion in (("unstructured", "movement"), ("heads", "gradient")):
+        with pytest.warns(UserWarning, match=rf"criterion='{criterion}', start=0\).*e\.g\. start=0\.1"):
+            PruningScheduler(structure=structure, criterion=criterion, start=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PruningScheduler(criterion="movement", start=0.1)
+        PruningScheduler(criterion="magnitude", start=0)
     with pytest.raises(ValueError, match="structure must be"):
         PruningScheduler(structure="blocks")
     with pytest.raises(ValueError, match="scope='global' works for unstructured pruning only"):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -124,6 +124,13 @@ class PruningScheduler(Callback):
                 f"criterion must be {' or '.join(repr(c) for c in CRITERIA[kind])} for {kind} pruning, got {criterion!r}."
             )
         self.criterion = criterion
+        if criterion in ("movement", "gradient") and start == 0:
+            rank_zero_warn(
+                f"PruningScheduler(criterion={criterion!r}, start=0): this criterion ranks by scores accumulated "
+                "during training, so the first pruning steps would rank on a few batches of data and can remove "
+                "what the model needs (movement from step 0 to 80 % left a 600-step CoNLL-2003 run at F1 0.0). "
+                "Start after a warm-up, e.g. start=0.1."
+            )
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
         if scope == "global" and kind == "structured":
