@@ -139,8 +139,12 @@ def test_fit_without_validation_data_or_checkpoint_sections(
         (["--trainer.max_steps=5"], [2, 4, 5]),  # 5 is not a multiple of the interval
         (["--trainer.max_steps=4"], [2, 4]),  # the schedule validates the last step already: no extra pass
         (["--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=5"], [2, 4, 5]),
+        (
+            ["--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=5", "--trainer.min_steps=3"],
+            [2, 4, 5],
+        ),
     ],
-    ids=["max_steps", "on_schedule", "epoch_end"],
+    ids=["max_steps", "on_schedule", "epoch_end", "epoch_end_with_min_steps"],
 )
 def test_the_last_training_step_is_validated(
     budget: list[str],
@@ -159,6 +163,7 @@ def test_the_last_training_step_is_validated(
     assert [int(row["step"]) + 1 for row in rows if row["val_f1"]] == validated
     last = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == validated[-1]  # the final metrics describe the weights last.ckpt holds
+    assert cli.trainer.fit_loop.min_steps == (3 if "--trainer.min_steps=3" in budget else None)  # restored
 
 
 def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
