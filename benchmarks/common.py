@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 PAGES = PROJECT_ROOT / "docs" / "results"
+RESUME_MARKER = "resume-from-last"  # in a run folder: fit_recipe resumes from its checkpoints/last.ckpt
 
 
 def budget_name(steps: int) -> str:
@@ -142,14 +143,18 @@ def budget_words(steps: int) -> str:
     return f"{steps} optimizer steps" if steps else "full recipe length"
 
 
-def validation_history(metrics_csv: Path, metric: str) -> list[dict]:
-    """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded."""
-    with metrics_csv.open() as handle:
-        return [
-            {"step": int(row["step"]) + 1, metric: float(row[metric])}
-            for row in csv.DictReader(handle)
-            if row.get(metric)
-        ]
+def validation_history(log_dir: Path, metric: str) -> list[dict]:
+    """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded in a run's log folder.
+
+    A resumed run logs to a new ``version_N`` beside the interrupted one's; the versions are read in order.
+    """
+    versions = sorted(log_dir.parent.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name[8:]))
+    history = []
+    for metrics_csv in versions:
+        with metrics_csv.open() as handle:
+            rows = csv.DictReader(handle)
+            history += [{"step": int(row["step"]) + 1, metric: float(row[metric])} for row in rows if row.get(metric)]
+    return history
 
 
 def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:
@@ -158,6 +163,7 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
     ``budget`` is extra CLI flags (e.g. :func:`step_budget`); ``callbacks`` are added to the recipe's own.
     The last checkpoint is ``root/checkpoints/last.ckpt``.
     """
+    from lightning_memopt.checkpoint_reading import read_checkpoint
     from lightning_memopt.cli import run_cli
 
     spec = TASKS[task]
@@ -173,10 +179,15 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
         "--trainer.enable_progress_bar=false",
         *budget,
     ]
+    last, marker = root / "checkpoints" / "last.ckpt", root / RESUME_MARKER
+    resumed_from = read_checkpoint(last, tensors=False)["global_step"] if marker.exists() else None
+    if resumed_from is not None:  # an interrupted run that run_child(skip_done=True) kept
+        args.append(f"--ckpt_path={last}")
     started = time.perf_counter()
     cli = run_cli(args, trainer_defaults={"callbacks": [timer, *(callbacks or [])]})
     wall = time.perf_counter() - started
-    cli.trainer.save_checkpoint(root / "checkpoints" / "last.ckpt")
+    cli.trainer.save_checkpoint(last)
+    marker.unlink(missing_ok=True)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val_")}
     return cli, {
         "task": task,
@@ -184,7 +195,8 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
         "final": metrics.get(spec["metric"]),
         "best": round(float(cli.trainer.checkpoint_callback.best_model_score or 0), 4),
         "metrics": metrics,
-        "history": validation_history(Path(cli.trainer.logger.log_dir) / "metrics.csv", spec["metric"]),
+        "history": validation_history(Path(cli.trainer.logger.log_dir), spec["metric"]),
+        **({"resumed_from_step": resumed_from} if resumed_from is not None else {}),
         "wall_seconds": round(wall, 1),
         "peak_rss_mib": round(peak_rss_mib(), 0),
         "epochs": cli.trainer.current_epoch,
@@ -253,7 +265,10 @@ def benchmark_parser(doc: str | None, extra_parts: tuple[str, ...] = ()) -> argp
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # a child's seed_everything
     parser.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     parser.add_argument(
-        "--skip_done", action="store_true", help="reuse runs whose result.json is in --workdir (others start afresh)"
+        "--skip_done",
+        action="store_true",
+        help="reuse runs whose result.json is in --workdir, resume interrupted ones from their last.ckpt "
+        "(others start afresh)",
     )
     parser.add_argument(
         "--render", action="store_true", help="rewrite the docs page from the saved results and notes; run nothing"
@@ -265,6 +280,21 @@ def benchmark_parser(doc: str | None, extra_parts: tuple[str, ...] = ()) -> argp
 def payload_header(script: str) -> dict[str, Any]:
     """Command, machine and date of this benchmark run."""
     return {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]), "machine": machine(), "date": today()}
+
+
+def prepare_run_folder(folder: Path, skip_done: bool) -> Path | None:
+    """Empty a run's folder before it is trained again, or keep an interrupted run to resume.
+
+    With ``skip_done``, a folder with ``checkpoints/last.ckpt`` and no ``result.json`` is an interrupted
+    run: it is kept and marked, and the ``last.ckpt`` that :func:`fit_recipe` will resume from is
+    returned. Otherwise the folder is removed.
+    """
+    last = folder / "checkpoints" / "last.ckpt"
+    if skip_done and last.exists() and not (folder / "result.json").exists():
+        (folder / RESUME_MARKER).touch()  # tells fit_recipe, in the child, to resume
+        return last
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier run's checkpoints and logs
+    return None
 
 
 def run_child(
@@ -285,8 +315,10 @@ def run_child(
         workdir = workdir / f"seed-{seed}"
     done = workdir / task / variant / "result.json"
     if not (skip_done and done.exists()):
-        shutil.rmtree(done.parent, ignore_errors=True)  # an earlier or interrupted run's checkpoints and logs
+        resume = prepare_run_folder(done.parent, skip_done)
         print(f"== {task} / {variant}" + (f" / seed {seed}" if seed is not None else ""), flush=True)
+        if resume:
+            print(f"   resuming the interrupted run from {resume}", flush=True)
         command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / script), "--_child", task, variant, *extra]
         command += [
             "--workdir",

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import budget_words, carry_over, load_results, report_header, save_results
+from common import (
+    RESUME_MARKER,
+    budget_words,
+    carry_over,
+    load_results,
+    prepare_run_folder,
+    report_header,
+    save_results,
+    validation_history,
+)
 
 
 def test_a_partial_rerun_keeps_earlier_parts_and_tasks_with_their_origin(tmp_path: Path) -> None:
@@ -88,3 +97,27 @@ def test_tasks_keep_their_saved_order_when_some_are_rerun(tmp_path: Path) -> Non
 def test_page_titles_name_a_step_budget_or_the_recipes_own_length() -> None:
     assert budget_words(600) == "600 optimizer steps"
     assert budget_words(0) == "full recipe length"  # --steps 0, not "0 optimizer steps"
+
+
+def test_an_interrupted_run_is_kept_to_resume_only_with_skip_done(tmp_path: Path) -> None:
+    def run_folder(name: str, *files: str) -> Path:
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_text("x")
+        return tmp_path / name
+
+    interrupted = run_folder("interrupted", "checkpoints/last.ckpt")
+    assert prepare_run_folder(interrupted, skip_done=True) == interrupted / "checkpoints/last.ckpt"
+    assert (interrupted / RESUME_MARKER).exists()
+    assert prepare_run_folder(interrupted, skip_done=False) is None and not interrupted.exists()
+    never_checkpointed = run_folder("early", "logs/version_0/metrics.csv")
+    assert prepare_run_folder(never_checkpointed, skip_done=True) is None and not never_checkpointed.exists()
+
+
+def test_a_resumed_runs_history_joins_its_log_versions_in_order(tmp_path: Path) -> None:
+    for version, rows in ((0, ["3,0.5", "5,"]), (2, ["7,0.7"]), (10, ["9,0.9"])):
+        folder = tmp_path / "logs" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text("\n".join(["step,val_f1", *rows]) + "\n")
+    history = validation_history(tmp_path / "logs" / "version_10", "val_f1")
+    assert history == [{"step": 4, "val_f1": 0.5}, {"step": 8, "val_f1": 0.7}, {"step": 10, "val_f1": 0.9}]
