@@ -148,7 +148,9 @@ def validation_history(log_dir: Path, metric: str) -> list[dict]:
 
     A resumed run logs to a new ``version_N`` beside the interrupted one's; the versions are read in order.
     """
-    versions = sorted(log_dir.parent.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name[8:]))
+    versions = sorted(
+        log_dir.parent.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name.removeprefix("version_"))
+    )
     history = []
     for metrics_csv in versions:
         with metrics_csv.open() as handle:
