@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -124,15 +125,34 @@ TASKS = {
 }
 
 
-def step_budget(steps: int, seed: int | None = None) -> list[str]:
-    """CLI flags for a budget of ``steps`` optimizer steps with one validation at the end (and ``seed``, if given).
+def recipe_epochs(task: str) -> int:
+    """The ``trainer.max_epochs`` a task's recipe configs end up with (a later config overrides an earlier one).
 
-    ``steps=0`` keeps the recipe's own length (3 epochs CoNLL-2003, 1 epoch SST-2) and validation points.
+    ``recipe_epochs("ner") == 3`` (CoNLL-2003), ``recipe_epochs("sst2") == 1`` (its offline overlay says 1).
+    """
+    epochs = None
+    for config in TASKS[task]["configs"]:
+        epochs = (yaml.safe_load((PROJECT_ROOT / config).read_text()).get("trainer") or {}).get("max_epochs", epochs)
+    if epochs is None:
+        raise ValueError(f"none of {TASKS[task]['configs']} sets trainer.max_epochs")
+    return int(epochs)
+
+
+def step_budget(steps: int, seed: int | None = None, *, task: str | None = None, times: int = 1) -> list[str]:
+    """CLI flags for ``times`` x a budget of ``steps`` optimizer steps, one validation at the end (and ``seed``).
+
+    ``steps=0`` keeps the recipe's own length (3 epochs CoNLL-2003, 1 epoch SST-2) and validation points;
+    ``times`` then multiplies the recipe's epochs, which needs ``task``: ``step_budget(0, task="ner", times=3)``
+    is ``["--trainer.max_epochs=9"]``.
     """
     budget = []
     if steps:
-        budget += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+        budget += [f"--trainer.max_steps={steps * times}", f"--trainer.val_check_interval={steps * times}"]
         budget += ["--trainer.check_val_every_n_epoch=null"]
+    elif times != 1:
+        if task is None:
+            raise ValueError("step_budget(0, times=...) scales the recipe's epochs: name the task")
+        budget.append(f"--trainer.max_epochs={recipe_epochs(task) * times}")
     if seed is not None:
         budget.append(f"--seed_everything={seed}")
     return budget

@@ -94,7 +94,7 @@ def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     callbacks: list[Any] = [PruningScheduler(**variant.pruning)] if variant.pruning else []
     if variant.distill:
         callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **KD_OPTIONS))
-    budget = step_budget(steps * variant.budget)
+    budget = step_budget(steps, task=task, times=variant.budget)
     if variant.from_dense:
         budget.append(f"--model.model_name_or_path={dense / 'export'}")
     root = workdir / task / name

@@ -18,6 +18,7 @@ from common import (
     prepare_run_folder,
     report_header,
     save_results,
+    step_budget,
     validation_history,
 )
 
@@ -97,6 +98,16 @@ def test_tasks_keep_their_saved_order_when_some_are_rerun(tmp_path: Path) -> Non
 def test_page_titles_name_a_step_budget_or_the_recipes_own_length() -> None:
     assert budget_words(600) == "600 optimizer steps"
     assert budget_words(0) == "full recipe length"  # --steps 0, not "0 optimizer steps"
+
+
+def test_a_longer_budget_multiplies_steps_or_the_recipes_own_epochs() -> None:
+    assert step_budget(600, times=3)[:2] == ["--trainer.max_steps=1800", "--trainer.val_check_interval=1800"]
+    assert step_budget(0) == [] and step_budget(0, seed=7) == ["--seed_everything=7"]
+    # the recipe's length: CoNLL-2003 runs 3 epochs, SST-2 1 (its offline overlay overrides the 3 of sst2.yaml)
+    assert step_budget(0, task="ner", times=3) == ["--trainer.max_epochs=9"]
+    assert step_budget(0, task="sst2", times=3) == ["--trainer.max_epochs=3"]
+    with pytest.raises(ValueError, match="name the task"):
+        step_budget(0, times=3)
 
 
 def test_an_interrupted_run_is_kept_to_resume_only_with_skip_done(tmp_path: Path) -> None:
