@@ -47,16 +47,20 @@ from common import (
     write_child_result,
 )
 
+KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
+
 
 @dataclass(frozen=True)
 class Variant:
-    """One benchmark run: PruningScheduler options (none: dense), whether the dense run teaches or seeds it,
-    and its length as a multiple of ``--steps`` (the schedule's fractions stretch with it)."""
+    """One benchmark run: PruningScheduler options (none: dense), whether the dense run teaches (with which
+    KnowledgeDistillation options) or seeds it, its length as a multiple of ``--steps`` (the schedule's
+    fractions stretch with it)."""
 
     pruning: dict[str, Any] = field(default_factory=dict)
     distill: bool = False
     from_dense: bool = False
     budget: int = 1
+    kd: dict[str, Any] = field(default_factory=lambda: dict(KD_OPTIONS))
 
     @property
     def structured(self) -> bool:
@@ -83,8 +87,21 @@ VARIANTS: dict[str, Variant] = {
     "unstructured-80-kd-from-dense-6x": Variant(
         {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, from_dense=True, budget=6
     ),
+    "unstructured-80-kd-from-dense-3x-alpha09": Variant(
+        {"final_sparsity": 0.8, **UNSTRUCTURED},
+        distill=True,
+        from_dense=True,
+        budget=3,
+        kd={"alpha": 0.9, "temperature": 2.0},
+    ),
+    "unstructured-80-kd-from-dense-3x-alpha09-hidden": Variant(
+        {"final_sparsity": 0.8, **UNSTRUCTURED},
+        distill=True,
+        from_dense=True,
+        budget=3,
+        kd={"alpha": 0.9, "temperature": 2.0, "hidden_layers": {i: i for i in range(1, 7)}, "hidden_weight": 1.0},
+    ),
 }
-KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
 
 
 def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
@@ -96,7 +113,7 @@ def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     dense = workdir / task / "dense"
     callbacks: list[Any] = [PruningScheduler(**variant.pruning)] if variant.pruning else []
     if variant.distill:
-        callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **KD_OPTIONS))
+        callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **variant.kd))
     budget = step_budget(steps, task=task, times=variant.budget)
     if variant.from_dense:
         budget.append(f"--model.model_name_or_path={dense / 'export'}")
