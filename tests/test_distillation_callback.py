@@ -76,6 +76,7 @@ def test_loss_is_the_hand_computed_mix_of_ce_and_soft_target_kl(
     assert recorder.logged["train_ce"] == pytest.approx(float(ce), rel=1e-5)
     assert recorder.logged["train_kd"] == pytest.approx(float(kl), rel=1e-5)
     assert recorder.loss == pytest.approx(float((1 - alpha) * ce + alpha * kl), rel=1e-5)
+    assert recorder.logged["train_total"] == pytest.approx(recorder.loss, rel=1e-6)
 
 
 def test_teacher_stays_frozen_outside_optimizer_and_checkpoint_and_resume_works(
@@ -232,6 +233,9 @@ def test_intermediate_layers_train_a_projection_that_resumes_exactly_and_stays_o
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert metrics["train_hidden"] > 0 and metrics["train_attention"] > 0
     assert metrics["kd_alpha"] == pytest.approx(0.9 + (0.1 - 0.9) * 5 / 6)  # the 6th step is global step 5
+    alpha, parts = metrics["kd_alpha"], metrics["train_hidden"] + 0.5 * metrics["train_attention"]
+    expected_total = (1 - alpha) * metrics["train_ce"] + alpha * metrics["train_kd"] + parts
+    assert metrics["train_total"] == pytest.approx(expected_total, rel=1e-5)
     projection = kd.layers.projections["1"]
     assert projection.weight.shape == (48, 32)
     groups = trainer.optimizers[0].param_groups

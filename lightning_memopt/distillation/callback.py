@@ -7,7 +7,8 @@ How it reaches into a module that knows nothing of it:
 2. The module's ``training_step`` is wrapped on the instance: the original runs unchanged and returns
    its own loss ``L`` (for our task modules: cross entropy); the wrapper runs the teacher on the same
    batch and returns ``(1 - alpha) * L + alpha * T² * KL(teacher ‖ student)``, logging ``train_ce``
-   (= ``L``) and ``train_kd`` apart. ``validation_step`` is wrapped the same way to log ``val_kd`` and
+   (= ``L``), ``train_kd`` and that total, the loss the optimizer sees, as ``train_total`` (the module's
+   own ``train_loss`` stays ``L``). ``validation_step`` is wrapped the same way to log ``val_kd`` and
    ``val_agreement`` (how often student and teacher pick the same class) next to the module's own
    metrics; when fit ends, the student's monitored metrics are printed beside the teacher's (as its
    checkpoint recorded them). The wrappers are removed when fit ends.
@@ -442,6 +443,7 @@ class KnowledgeDistillation(Callback):
                 pl_module.log(f"train_{name}", value.detach(), batch_size=batch_size)
         pl_module.log("train_ce", loss.detach(), batch_size=batch_size)
         pl_module.log("train_kd", kd.detach(), prog_bar=True, batch_size=batch_size)
+        pl_module.log("train_total", total.detach(), prog_bar=True, batch_size=batch_size)
         if self.alpha_end is not None or self.temperature_end is not None:
             pl_module.log("kd_alpha", alpha, batch_size=batch_size)
             pl_module.log("kd_temperature", temperature, batch_size=batch_size)
