@@ -52,13 +52,13 @@ KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yam
 
 @dataclass(frozen=True)
 class Variant:
-    """One benchmark run: PruningScheduler options (none: dense), whether the dense run teaches (with which
-    KnowledgeDistillation options) or seeds it, its length as a multiple of ``--steps`` (the schedule's
-    fractions stretch with it)."""
+    """One benchmark run: PruningScheduler options (none: dense), whether the dense run teaches it (with which
+    KnowledgeDistillation options), which earlier variant's export it starts from (``None``: the pretrained
+    model), and its length as a multiple of ``--steps`` (the schedule's fractions stretch with it)."""
 
     pruning: dict[str, Any] = field(default_factory=dict)
     distill: bool = False
-    from_dense: bool = False
+    start_from: str | None = None
     budget: int = 1
     kd: dict[str, Any] = field(default_factory=lambda: dict(KD_OPTIONS))
 
@@ -68,6 +68,7 @@ class Variant:
 
 
 UNSTRUCTURED = {"schedule": "cubic", "start": 0.0, "end": 0.7, "every": 0.01}
+REWOUND = {"final_sparsity": 0.8, "schedule": "constant", "start": 0, "every": 0.01}  # keeps the seed's 80 % mask
 STRUCTURED = {"structure": "heads_and_neurons", "criterion": "gradient", "start": 0.1, "end": 0.7, "every": 0.02}
 VARIANTS: dict[str, Variant] = {
     "dense": Variant(),
@@ -80,28 +81,33 @@ VARIANTS: dict[str, Variant] = {
     "unstructured-90": Variant({"final_sparsity": 0.9, **UNSTRUCTURED}),
     "structured-25": Variant({"final_sparsity": 0.25, **STRUCTURED}),
     "unstructured-80-kd": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True),
-    "unstructured-80-kd-from-dense": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, from_dense=True),
+    "unstructured-80-kd-from-dense": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense"),
     "unstructured-80-kd-from-dense-3x": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, from_dense=True, budget=3
+        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense", budget=3
     ),
     "unstructured-80-kd-from-dense-6x": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, from_dense=True, budget=6
+        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense", budget=6
     ),
     "unstructured-80-kd-from-dense-3x-alpha09": Variant(
         {"final_sparsity": 0.8, **UNSTRUCTURED},
         distill=True,
-        from_dense=True,
+        start_from="dense",
         budget=3,
         kd={"alpha": 0.9, "temperature": 2.0},
     ),
     "unstructured-80-kd-from-dense-3x-alpha09-hidden": Variant(
         {"final_sparsity": 0.8, **UNSTRUCTURED},
         distill=True,
-        from_dense=True,
+        start_from="dense",
         budget=3,
         kd={"alpha": 0.9, "temperature": 2.0, "hidden_layers": {i: i for i in range(1, 7)}, "hidden_weight": 1.0},
     ),
 }
+
+# Learning-rate rewinding (Renda et al., 2020): the 80 % model trains once more with the recipe's whole warm-up and
+# decay, its mask fixed, its teacher and KD options unchanged.
+for seed in ("unstructured-80-kd-from-dense-3x", "unstructured-80-kd-from-dense-3x-alpha09-hidden"):
+    VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, distill=True, start_from=seed, kd=VARIANTS[seed].kd)
 
 
 def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
@@ -115,8 +121,8 @@ def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     if variant.distill:
         callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **variant.kd))
     budget = step_budget(steps, task=task, times=variant.budget)
-    if variant.from_dense:
-        budget.append(f"--model.model_name_or_path={dense / 'export'}")
+    if variant.start_from:
+        budget.append(f"--model.model_name_or_path={workdir / task / variant.start_from / 'export'}")
     root = workdir / task / name
     cli, result = fit_recipe(task, root, budget, callbacks)
     del cli
@@ -257,6 +263,10 @@ def main() -> None:
         return
     if "dense" not in args.variants:
         args.variants.insert(0, "dense")
+    for index, name in enumerate(args.variants):
+        seed = VARIANTS[name].start_from
+        if seed and seed not in args.variants[:index]:
+            parser.error(f"--variants: {name} starts from {seed}'s export; list {seed} before it")
     payload: dict[str, Any] = payload_header("pruning.py")
     if "accuracy" in args.parts:
         payload["accuracy"] = {}
