@@ -6,7 +6,9 @@ in its own process, then is exported the way a user would (``save_sparse`` for u
 ``shrink_pruned`` for structured). Two 80 % variants add ``KnowledgeDistillation`` with the dense run
 as teacher: ``unstructured-80-kd`` with the same budget, and ``unstructured-80-kd-from-dense``, which
 starts from the dense run's weights (so its model has seen twice the budget); ``-3x``/``-6x`` prune over three/six
-times the budget (the longer schedule the literature's 80 % results use). Size and latency
+times the budget (the longer schedule the literature's 80 % results use); ``-alpha09``/``-hidden`` change the
+distillation, and ``<run>-rewind`` trains an 80 % run once more at its fixed mask with the learning rate warmed
+up and decayed again (learning-rate rewinding, Renda et al. 2020). Size and latency
 (batch 8, sequence 128, fp32, all cores) are ratios to the dense model, measured in one process with
 the variants interleaved.
 
@@ -210,7 +212,9 @@ def write_report(payload: dict, steps: int) -> Path:
         "(`-movement`: by accumulated weight x gradient). Structured: "
         "heads and FFN neurons by mask gradient, cubic from 10 % to 70 %, every 2 %. `-kd`: with "
         "KnowledgeDistillation (alpha 0.5, T 2) from the dense run; `-from-dense`: starts from the dense run's "
-        "weights, so it has trained for twice the budget in all; `-3x`/`-6x`: prunes over three/six times the budget.",
+        "weights, so it has trained for twice the budget in all; `-3x`/`-6x`: prunes over three/six times the budget; "
+        "`-alpha09`: alpha 0.9; `-hidden`: plus hidden-state MSE (weight 1) on all six layers; `-rewind`: the named run "
+        "trained once more for the budget at its final mask (learning-rate rewinding), same teacher and options.",
         "Size: `model.safetensors` of the export (structured: neurons cut by `shrink_pruned`) or, for "
         "unstructured, `model.sparse.safetensors` (non-zeros + 1-bit mask), as a ratio to dense.",
         "Latency: fp32 forward, batch 8 x 128 tokens, median of 5 interleaved rounds of 6 runs, speed-up = dense / variant.",
