@@ -107,8 +107,9 @@ VARIANTS: dict[str, Variant] = {
 }
 
 # Learning-rate rewinding (Renda et al., 2020): the 80 % model trains once more with the recipe's whole warm-up and
-# decay, its mask fixed, its teacher and KD options unchanged.
-for seed in ("unstructured-80-kd-from-dense-3x", "unstructured-80-kd-from-dense-3x-alpha09-hidden"):
+# decay, its mask fixed, its teacher and KD options unchanged; "-rewind-rewind" is a second pass.
+REWIND_SEEDS = ("3x", "3x-alpha09-hidden", "3x-rewind")
+for seed in (f"unstructured-80-kd-from-dense-{name}" for name in REWIND_SEEDS):
     VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, distill=True, start_from=seed, kd=VARIANTS[seed].kd)
 
 
