@@ -49,20 +49,17 @@ from common import (
     write_child_result,
 )
 
-KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
-
 
 @dataclass(frozen=True)
 class Variant:
-    """One benchmark run: PruningScheduler options (none: dense), whether the dense run teaches it (with which
-    KnowledgeDistillation options), which earlier variant's export it starts from (``None``: the pretrained
-    model), and its length as a multiple of ``--steps`` (the schedule's fractions stretch with it)."""
+    """One benchmark run: PruningScheduler options (none: dense), the KnowledgeDistillation options with which
+    the dense run teaches it (``None``: no teacher), which earlier variant's export it starts from (``None``:
+    the pretrained model), and its length as a multiple of ``--steps`` (the schedule's fractions stretch with it)."""
 
     pruning: dict[str, Any] = field(default_factory=dict)
-    distill: bool = False
+    kd: dict[str, Any] | None = None
     start_from: str | None = None
     budget: int = 1
-    kd: dict[str, Any] = field(default_factory=lambda: dict(KD_OPTIONS))
 
     @property
     def structured(self) -> bool:
@@ -70,47 +67,35 @@ class Variant:
 
 
 UNSTRUCTURED = {"schedule": "cubic", "start": 0.0, "end": 0.7, "every": 0.01}
+GMP_80 = {"final_sparsity": 0.8, **UNSTRUCTURED}
 REWOUND = {"final_sparsity": 0.8, "schedule": "constant", "start": 0, "every": 0.01}  # keeps the seed's 80 % mask
 STRUCTURED = {"structure": "heads_and_neurons", "criterion": "gradient", "start": 0.1, "end": 0.7, "every": 0.02}
+KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
+KD_ALPHA_09 = {"alpha": 0.9, "temperature": 2.0}
+KD_HIDDEN = {**KD_ALPHA_09, "hidden_layers": {i: i for i in range(1, 7)}, "hidden_weight": 1.0}
 VARIANTS: dict[str, Variant] = {
     "dense": Variant(),
-    "unstructured-80": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}),
-    "unstructured-80-global": Variant({"final_sparsity": 0.8, **UNSTRUCTURED, "scope": "global"}),
-    "unstructured-80-movement": Variant({"final_sparsity": 0.8, **UNSTRUCTURED, "criterion": "movement"}),
+    "unstructured-80": Variant(GMP_80),
+    "unstructured-80-global": Variant({**GMP_80, "scope": "global"}),
+    "unstructured-80-movement": Variant({**GMP_80, "criterion": "movement"}),
     "structured-50": Variant({"final_sparsity": 0.5, **STRUCTURED}),
     "unstructured-50": Variant({"final_sparsity": 0.5, **UNSTRUCTURED}),
     "unstructured-70": Variant({"final_sparsity": 0.7, **UNSTRUCTURED}),
     "unstructured-90": Variant({"final_sparsity": 0.9, **UNSTRUCTURED}),
     "structured-25": Variant({"final_sparsity": 0.25, **STRUCTURED}),
-    "unstructured-80-kd": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True),
-    "unstructured-80-kd-from-dense": Variant({"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense"),
-    "unstructured-80-kd-from-dense-3x": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense", budget=3
-    ),
-    "unstructured-80-kd-from-dense-6x": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED}, distill=True, start_from="dense", budget=6
-    ),
-    "unstructured-80-kd-from-dense-3x-alpha09": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED},
-        distill=True,
-        start_from="dense",
-        budget=3,
-        kd={"alpha": 0.9, "temperature": 2.0},
-    ),
-    "unstructured-80-kd-from-dense-3x-alpha09-hidden": Variant(
-        {"final_sparsity": 0.8, **UNSTRUCTURED},
-        distill=True,
-        start_from="dense",
-        budget=3,
-        kd={"alpha": 0.9, "temperature": 2.0, "hidden_layers": {i: i for i in range(1, 7)}, "hidden_weight": 1.0},
-    ),
+    "unstructured-80-kd": Variant(GMP_80, kd=KD_OPTIONS),
+    "unstructured-80-kd-from-dense": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense"),
+    "unstructured-80-kd-from-dense-3x": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense", budget=3),
+    "unstructured-80-kd-from-dense-6x": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense", budget=6),
+    "unstructured-80-kd-from-dense-3x-alpha09": Variant(GMP_80, kd=KD_ALPHA_09, start_from="dense", budget=3),
+    "unstructured-80-kd-from-dense-3x-alpha09-hidden": Variant(GMP_80, kd=KD_HIDDEN, start_from="dense", budget=3),
 }
 
 # Learning-rate rewinding (Renda et al., 2020): the 80 % model trains once more with the recipe's whole warm-up and
 # decay, its mask fixed, its teacher and KD options unchanged; "-rewind-rewind" is a second pass.
 REWIND_SEEDS = ("3x", "3x-alpha09-hidden", "3x-rewind")
 for seed in (f"unstructured-80-kd-from-dense-{name}" for name in REWIND_SEEDS):
-    VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, distill=True, start_from=seed, kd=VARIANTS[seed].kd)
+    VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, kd=VARIANTS[seed].kd, start_from=seed)
 
 
 def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
@@ -121,7 +106,7 @@ def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     variant = VARIANTS[name]
     dense = workdir / task / "dense"
     callbacks: list[Any] = [PruningScheduler(**variant.pruning)] if variant.pruning else []
-    if variant.distill:
+    if variant.kd is not None:
         callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **variant.kd))
     budget = step_budget(steps, task=task, times=variant.budget)
     if variant.start_from:
