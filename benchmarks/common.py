@@ -166,17 +166,18 @@ def budget_words(steps: int) -> str:
 def validation_history(log_dir: Path, metric: str) -> list[dict]:
     """``[{"step": ..., metric: ...}]`` for every validation the CSV logger recorded in a run's log folder.
 
-    A resumed run logs to a new ``version_N`` beside the interrupted one's; the versions are read in order.
+    A resumed run logs to a new ``version_N`` beside the interrupted one's; the versions are read in order, and
+    a validation the resumed run repeats (it restarted from a checkpoint before that step) is counted once, with
+    the later value.
     """
     versions = sorted(
         log_dir.parent.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name.removeprefix("version_"))
     )
-    history = []
+    by_step: dict[int, float] = {}
     for metrics_csv in versions:
         with metrics_csv.open() as handle:
-            rows = csv.DictReader(handle)
-            history += [{"step": int(row["step"]) + 1, metric: float(row[metric])} for row in rows if row.get(metric)]
-    return history
+            by_step |= {int(row["step"]) + 1: float(row[metric]) for row in csv.DictReader(handle) if row.get(metric)}
+    return [{"step": step, metric: value} for step, value in sorted(by_step.items())]
 
 
 def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:

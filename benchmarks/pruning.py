@@ -93,7 +93,7 @@ VARIANTS: dict[str, Variant] = {
 
 # Learning-rate rewinding (Renda et al., 2020): the 80 % model trains once more with the recipe's whole warm-up and
 # decay, its mask fixed, its teacher and KD options unchanged; "-rewind-rewind" is a second pass.
-REWIND_SEEDS = ("3x", "3x-alpha09-hidden", "3x-rewind")
+REWIND_SEEDS = ("3x", "3x-alpha09-hidden", "3x-rewind", "6x")
 for seed in (f"unstructured-80-kd-from-dense-{name}" for name in REWIND_SEEDS):
     VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, kd=VARIANTS[seed].kd, start_from=seed)
 

@@ -125,10 +125,11 @@ def test_an_interrupted_run_is_kept_to_resume_only_with_skip_done(tmp_path: Path
     assert prepare_run_folder(never_checkpointed, skip_done=True) is None and not never_checkpointed.exists()
 
 
-def test_a_resumed_runs_history_joins_its_log_versions_in_order(tmp_path: Path) -> None:
-    for version, rows in ((0, ["3,0.5", "5,"]), (2, ["7,0.7"]), (10, ["9,0.9"])):
+def test_a_resumed_runs_history_joins_its_log_versions_in_order_once_per_step(tmp_path: Path) -> None:
+    for version, rows in ((0, ["3,0.5", "5,"]), (2, ["7,0.7"]), (10, ["7,0.75", "9,0.9"])):
         folder = tmp_path / "logs" / f"version_{version}"
         folder.mkdir(parents=True)
         (folder / "metrics.csv").write_text("\n".join(["step,val_f1", *rows]) + "\n")
     history = validation_history(tmp_path / "logs" / "version_10", "val_f1")
-    assert history == [{"step": 4, "val_f1": 0.5}, {"step": 8, "val_f1": 0.7}, {"step": 10, "val_f1": 0.9}]
+    # version_10 resumed from a checkpoint before step 8 and validated there again: its value replaces the first
+    assert history == [{"step": 4, "val_f1": 0.5}, {"step": 8, "val_f1": 0.75}, {"step": 10, "val_f1": 0.9}]
