@@ -78,6 +78,7 @@ def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
         ["recipes/pruning/structured-50.yaml"],
         ["recipes/distillation/{task}.yaml"],
         ["recipes/pruning/unstructured-80-kd-{task}.yaml"],
+        ["recipes/pruning/unstructured-80-kd-rewind-{task}.yaml"],
         ["recipes/quantization/int8-qat.yaml", "recipes/pruning/unstructured-80.yaml"],
     ],
 )
@@ -107,6 +108,10 @@ def test_recipes_and_overlays_parse(
         assert "num_nodes: 2" in printed
     if from_finetuned:
         assert "lightning_memopt.PruningScheduler" in printed and "lightning_memopt.KnowledgeDistillation" in printed
+    if from_finetuned and "rewind" in overlay[0]:  # the pruned export, its mask kept, the recipe's own length
+        assert f"exported/{task}-pruned" in printed and "schedule: constant" in printed
+        assert "-rewound/checkpoints" in printed and "max_epochs: 9" not in printed
+    elif from_finetuned:
         assert f"exported/{task}-dense" in printed and "max_epochs: 9" in printed and "-pruned/checkpoints" in printed
     elif overlay and "unstructured" in overlay[0]:
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
@@ -199,7 +204,7 @@ def test_fit_resume_last_and_export(tiny_bert_dir: Path, conll_small: dict[str, 
     assert model.config.id2label[1] == "B-PER"
 
 
-def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_with_it_as_teacher(
+def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_and_the_rewind_overlay_keeps_the_mask(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
     dense_args = small_ner_args(tiny_bert_dir, conll_small, steps=2)
@@ -219,6 +224,25 @@ def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_with_i
     query = checkpoint["state_dict"]["model.bert.encoder.layer.0.attention.self.query.weight"]
     assert float((query == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
     assert (tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt").exists()  # the teacher's run is left alone
+
+    memopt(
+        ["export", "--ckpt_path=runs/ner-conll2003-pruned/checkpoints/last.ckpt", "--output_dir=exported/ner-pruned"],
+        tmp_path,
+    )
+    rewind = ["--config", str(RECIPES / "pruning/unstructured-80-kd-rewind-ner.yaml")]
+    memopt(["fit", *NER, *rewind, *rest, "--trainer.log_every_n_steps=1"], cwd=tmp_path)
+    with (tmp_path / "runs/ner-conll2003-rewound/logs/version_0/metrics.csv").open() as handle:
+        logged = [float(row["sparsity"]) for row in csv.DictReader(handle) if row.get("sparsity")]
+    assert logged == pytest.approx([0.8] * 4)  # at the final sparsity from the first step: no zero regrows
+    rewound = torch.load(tmp_path / "runs/ner-conll2003-rewound/checkpoints/last.ckpt", weights_only=True)
+    assert rewound["global_step"] == 4
+    assert rewound["hyper_parameters"]["model_name_or_path"] == "exported/ner-pruned"
+    encoder = [k for k, v in checkpoint["state_dict"].items() if ".encoder." in k and v.dim() == 2]
+    before, after = checkpoint["state_dict"], rewound["state_dict"]
+    assert len(encoder) == 12  # 2 layers x (query, key, value, attention output, FFN in, FFN out)
+    for key in encoder:  # the same zeros, and the weights left trained
+        assert torch.equal(before[key] == 0, after[key] == 0), key
+    assert not all(torch.equal(before[key], after[key]) for key in encoder)
 
 
 def test_ddp_on_two_cpu_processes(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path) -> None:
