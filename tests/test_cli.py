@@ -240,7 +240,7 @@ def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_and_th
     encoder = [k for k, v in checkpoint["state_dict"].items() if ".encoder." in k and v.dim() == 2]
     before, after = checkpoint["state_dict"], rewound["state_dict"]
     assert len(encoder) == 12  # 2 layers x (query, key, value, attention output, FFN in, FFN out)
-    for key in encoder:  # the same zeros, and the weights left trained
+    for key in encoder:  # the same zeros in every matrix, and the other weights trained on
         assert torch.equal(before[key] == 0, after[key] == 0), key
     assert not all(torch.equal(before[key], after[key]) for key in encoder)
 
