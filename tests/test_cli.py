@@ -237,8 +237,8 @@ def test_the_prune_from_finetuned_overlay_prunes_the_exported_dense_model_and_th
     rewound = torch.load(tmp_path / "runs/ner-conll2003-rewound/checkpoints/last.ckpt", weights_only=True)
     assert rewound["global_step"] == 4
     assert rewound["hyper_parameters"]["model_name_or_path"] == "exported/ner-pruned"
-    encoder = [k for k, v in checkpoint["state_dict"].items() if ".encoder." in k and v.dim() == 2]
     before, after = checkpoint["state_dict"], rewound["state_dict"]
+    encoder = [k for k, v in before.items() if ".encoder." in k and v.dim() == 2]
     assert len(encoder) == 12  # 2 layers x (query, key, value, attention output, FFN in, FFN out)
     for key in encoder:  # the same zeros in every matrix, and the other weights trained on
         assert torch.equal(before[key] == 0, after[key] == 0), key
