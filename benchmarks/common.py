@@ -366,7 +366,8 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
     """Keep the parts of the last saved ``<name>-<steps>.json`` that this run did not measure, noting their origin.
 
     ``keys`` name the payload's parts (e.g. ``["accuracy", "overhead"]``); a part that is a dict keyed by task
-    is merged task by task, so rerunning one task or one part leaves the others' recorded figures in place.
+    is merged task by task, and a task's list of ``{"variant": ...}`` rows variant by variant, so rerunning one
+    task, one variant or one part leaves the others' recorded figures in place.
     """
     saved = results_file(name, steps, results)
     if not saved.exists():
@@ -375,7 +376,8 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
     origins = payload.setdefault("carried_over", {})
 
     def origin(key: str) -> dict[str, str]:
-        return previous.get("carried_over", {}).get(key, {"command": previous["command"], "date": previous["date"]})
+        where = {field: previous[field] for field in ("command", "date", "machine") if field in previous}
+        return previous.get("carried_over", {}).get(key, where)
 
     for key in keys:
         if key not in previous:
@@ -383,20 +385,47 @@ def carry_over(name: str, steps: int, payload: dict[str, Any], keys: list[str], 
         if key not in payload:
             payload[key], origins[key] = previous[key], origin(key)
         elif isinstance(payload[key], dict) and isinstance(previous[key], dict):
-            for sub in [sub for sub in previous[key] if sub not in payload[key]]:
-                origins[f"{key}.{sub}"] = origin(f"{key}.{sub}")
+            for sub, saved_rows in previous[key].items():
+                if sub not in payload[key]:
+                    origins[f"{key}.{sub}"] = origin(f"{key}.{sub}")
+                elif is_variant_rows(saved_rows) and is_variant_rows(payload[key][sub]):
+                    payload[key][sub], kept = merge_variant_rows(saved_rows, payload[key][sub])
+                    origins |= {f"{key}.{sub}.{name}": origin(f"{key}.{sub}.{name}") for name in kept}
             # saved order with this run's figures: a rerun task keeps its place on the page, a new one goes last
             payload[key] = {**previous[key], **payload[key]}
     if not origins:
         del payload["carried_over"]
 
 
+def is_variant_rows(value: Any) -> bool:
+    """True for a list of result rows that each name their ``variant`` (the pruning benchmark's tasks)."""
+    return isinstance(value, list) and all(isinstance(row, dict) and "variant" in row for row in value)
+
+
+def merge_variant_rows(saved: list[dict], rerun: list[dict]) -> tuple[list[dict], list[str]]:
+    """The saved rows with the rerun ones in their place and new ones last, and the names of the rows kept as saved.
+
+    Example:
+        >>> merge_variant_rows([{"variant": "a", "f1": 1}, {"variant": "b", "f1": 2}], [{"variant": "b", "f1": 3}])
+        ([{'variant': 'a', 'f1': 1}, {'variant': 'b', 'f1': 3}], ['a'])
+    """
+    fresh = {row["variant"]: row for row in rerun}
+    saved_names = [row["variant"] for row in saved]
+    merged = [fresh.get(row["variant"], row) for row in saved] + [
+        row for row in rerun if row["variant"] not in saved_names
+    ]
+    return merged, [name for name in saved_names if name not in fresh]
+
+
 def report_header(title: str, payload: dict[str, Any], *notes: str) -> list[str]:
     """The first lines of a results page: title, command, machine, date, parts kept from earlier runs, notes."""
     lines = [f"# {title}", "", f"- Command: `{payload['command']}`", f"- Machine: {payload['machine']}"]
     lines.append(f"- Date: {payload['date']}")
+    by_origin: dict[str, list[str]] = {}  # one line per earlier run, naming every part kept from it
     for key, where in payload.get("carried_over", {}).items():
-        lines.append(f"- `{key}` kept from an earlier run: `{where['command']}` ({where['date']})")
+        when = ", ".join(where[field] for field in ("date", "machine") if field in where)
+        by_origin.setdefault(f"`{where['command']}` ({when})", []).append(f"`{key}`")
+    lines += [f"- {', '.join(keys)} kept from an earlier run: {origin}" for origin, keys in by_origin.items()]
     return [*lines, *(f"- {note}" for note in notes), ""]
 
 

@@ -204,6 +204,13 @@ def write_report(payload: dict, steps: int) -> Path:
         "Size: `model.safetensors` of the export (structured: neurons cut by `shrink_pruned`) or, for "
         "unstructured, `model.sparse.safetensors` (non-zeros + 1-bit mask), as a ratio to dense.",
         "Latency: fp32 forward, batch 8 x 128 tokens, median of 5 interleaved rounds of 6 runs, speed-up = dense / variant.",
+        *(
+            [
+                "A variant row kept from an earlier run keeps that run's latency and speed-up; its Δ is against this page's dense."
+            ]
+            if any(key.count(".") == 2 for key in payload.get("carried_over", {}))
+            else []
+        ),
     )
     for task, results in payload.get("accuracy", {}).items():
         dense = next(r for r in results if r["variant"] == "dense")

@@ -95,6 +95,22 @@ def test_tasks_keep_their_saved_order_when_some_are_rerun(tmp_path: Path) -> Non
     assert "tasks.f" not in payload["carried_over"] and payload["carried_over"]["tasks.a"]["command"] == "run 1"
 
 
+def test_rerunning_some_variants_keeps_the_others_rows_with_their_origin_and_machine(tmp_path: Path) -> None:
+    def rows(run: int, *names: str) -> list[dict]:
+        return [{"variant": name, "final": run} for name in names]
+
+    saved = {"command": "run 1", "date": "d1", "machine": "epyc", "accuracy": {"ner": rows(1, "dense", "a", "b")}}
+    (tmp_path / "pruning-full.json").write_text(json.dumps(saved))
+    payload: dict = {"command": "run 2", "date": "d2", "machine": "xeon", "accuracy": {"ner": rows(2, "dense", "c")}}
+    carry_over("pruning", 0, payload, ["accuracy"], results=tmp_path)
+    assert payload["accuracy"]["ner"] == [*rows(2, "dense"), *rows(1, "a", "b"), *rows(2, "c")]
+    assert payload["carried_over"] == {
+        f"accuracy.ner.{name}": {"command": "run 1", "date": "d1", "machine": "epyc"} for name in ("a", "b")
+    }
+    header = report_header("t", payload)
+    assert "- `accuracy.ner.a`, `accuracy.ner.b` kept from an earlier run: `run 1` (d1, epyc)" in header
+
+
 def test_page_titles_name_a_step_budget_or_the_recipes_own_length() -> None:
     assert budget_words(600) == "600 optimizer steps"
     assert budget_words(0) == "full recipe length"  # --steps 0, not "0 optimizer steps"
