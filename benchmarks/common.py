@@ -180,6 +180,16 @@ def validation_history(log_dir: Path, metric: str) -> list[dict]:
     return [{"step": step, metric: value} for step, value in sorted(by_step.items())]
 
 
+def exact_final(result: dict) -> float:
+    """A run's final score at full precision: its last logged validation (``final`` is rounded to 4 digits).
+
+    ``exact_final({"metric": "val_f1", "final": 0.897, "history": [{"step": 9, "val_f1": 0.897024}]}) == 0.897024``;
+    a result without a history gives its ``final``.
+    """
+    history = result.get("history") or [{result["metric"]: result["final"]}]
+    return history[-1][result["metric"]]
+
+
 def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:
     """Fit a task's offline recipe in this process through ``memopt fit``'s code path; return the CLI and figures.
 
@@ -209,7 +219,7 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
     started = time.perf_counter()
     cli = run_cli(args, trainer_defaults={"callbacks": [timer, *(callbacks or [])]})
     wall = time.perf_counter() - started
-    cli.trainer.save_checkpoint(last)
+    cli.trainer.save_checkpoint(last, weights_only=False)  # the whole state, so that the run can go on
     marker.unlink(missing_ok=True)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val_")}
     return cli, {

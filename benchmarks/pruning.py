@@ -36,6 +36,7 @@ from common import (
     benchmark_parser,
     budget_words,
     carry_over,
+    exact_final,
     fit_recipe,
     latency_inputs,
     latency_ms,
@@ -222,7 +223,7 @@ def write_report(payload: dict, steps: int) -> Path:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
-            delta = 100 * (r["final"] - dense["final"])
+            delta = 100 * (exact_final(r) - exact_final(dense))  # from unrounded scores
             lines.append(
                 f"| {r['variant']} | {r['final']:.4f} | {delta:+.2f} | {r['size_ratio']:.3f} | {r['latency_ms']} "
                 f"| {r['speedup']:.2f}x | {str(r.get('speedup_heads_cut', '')) + ('x' if 'speedup_heads_cut' in r else '')} "

@@ -14,6 +14,7 @@ from common import (
     RESUME_MARKER,
     budget_words,
     carry_over,
+    exact_final,
     load_results,
     prepare_run_folder,
     report_header,
@@ -149,3 +150,15 @@ def test_a_resumed_runs_history_joins_its_log_versions_in_order_once_per_step(tm
     history = validation_history(tmp_path / "logs" / "version_10", "val_f1")
     # version_10 resumed from a checkpoint before step 8 and validated there again: its value replaces the first
     assert history == [{"step": 4, "val_f1": 0.5}, {"step": 8, "val_f1": 0.75}, {"step": 10, "val_f1": 0.9}]
+
+
+def test_a_delta_against_dense_uses_the_unrounded_last_validation() -> None:
+    # 0.897024 against 0.906953 is -0.99 points; the rounded finals (0.8970, 0.9070) would say -1.00
+    dense = {
+        "metric": "val_f1",
+        "final": 0.907,
+        "history": [{"step": 5, "val_f1": 0.9}, {"step": 9, "val_f1": 0.906953}],
+    }
+    pruned = {"metric": "val_f1", "final": 0.897, "history": [{"step": 9, "val_f1": 0.897024}]}
+    assert f"{100 * (exact_final(pruned) - exact_final(dense)):+.2f}" == "-0.99"
+    assert exact_final({"metric": "accuracy", "final": 0.86}) == 0.86  # no history logged

@@ -110,9 +110,9 @@ def test_recipes_and_overlays_parse(
         assert "lightning_memopt.PruningScheduler" in printed and "lightning_memopt.KnowledgeDistillation" in printed
     if from_finetuned and "rewind" in overlay[0]:  # the pruned export, its mask kept, the recipe's own length
         assert f"exported/{task}-pruned" in printed and "schedule: constant" in printed
-        assert "-rewound/checkpoints" in printed and "max_epochs: 9" not in printed
+        assert "-rewound/checkpoints" in printed and "max_epochs: 18" not in printed
     elif from_finetuned:
-        assert f"exported/{task}-dense" in printed and "max_epochs: 9" in printed and "-pruned/checkpoints" in printed
+        assert f"exported/{task}-dense" in printed and "max_epochs: 18" in printed and "-pruned/checkpoints" in printed
     elif overlay and "unstructured" in overlay[0]:
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
     if overlay and "structured-50" in overlay[0]:
