@@ -186,8 +186,7 @@ def exact_final(result: dict) -> float:
     ``exact_final({"metric": "val_f1", "final": 0.897, "history": [{"step": 9, "val_f1": 0.897024}]}) == 0.897024``;
     a result without a history gives its ``final``.
     """
-    history = result.get("history") or [{result["metric"]: result["final"]}]
-    return history[-1][result["metric"]]
+    return result["history"][-1][result["metric"]] if result.get("history") else result["final"]
 
 
 def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:
