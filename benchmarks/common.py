@@ -195,8 +195,8 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
     ``budget`` is extra CLI flags (e.g. :func:`step_budget`); ``callbacks`` are added to the recipe's own.
     The last checkpoint is ``root/checkpoints/last.ckpt``.
     """
-    from lightning_memopt.checkpoint_reading import read_checkpoint
     from lightning_memopt.cli import run_cli
+    from lightning_memopt.core.checkpoints import read_checkpoint
 
     spec = TASKS[task]
     timer = StepTimer()

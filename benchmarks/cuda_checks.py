@@ -213,7 +213,7 @@ def last_checkpoint(cwd: Path, root: str = "runs/ner-conll2003") -> Path:
 
 def encoder_sparsity(checkpoint: Path) -> dict[str, float]:
     """Fraction of exact zeros in the encoder's attention and FFN weights of a (possibly sharded) checkpoint."""
-    from lightning_memopt.checkpoint_reading import read_checkpoint
+    from lightning_memopt.core.checkpoints import read_checkpoint
 
     state = read_checkpoint(checkpoint)["state_dict"]
     weights = [

@@ -1,6 +1,6 @@
 """lightning_memopt: memory optimisation for PyTorch Lightning fine-tuning of BERT-style transformers."""
 
-from lightning_memopt.checkpoint_io import AtomicCheckpointIO
+from lightning_memopt.core import AtomicCheckpointIO, UnsafeCheckpointError, read_checkpoint, verify_checkpoint
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
@@ -29,6 +29,9 @@ __all__ = [
     "SequenceClassificationModule",
     "TokenClassificationDataModule",
     "TokenClassificationModule",
+    "UnsafeCheckpointError",
     "ZeROStrategy",
     "load_task_checkpoint",
+    "read_checkpoint",
+    "verify_checkpoint",
 ]

@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.core.compat import last_checkpoints
 from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.tasks.modules import load_task_checkpoint
@@ -137,6 +139,31 @@ class MemoptCLI(LightningCLI):
         trainer.callbacks += [ValidateFinalStep(), FinalLastCheckpoint()]
         return trainer
 
+    def before_fit(self) -> None:
+        self._verify_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._verify_ckpt_path()
+
+    def before_test(self) -> None:
+        self._verify_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._verify_ckpt_path()
+
+    def _verify_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning or DeepSpeed read it with loaders that would run pickled code."""
+        given = self.config_init[self.subcommand].get("ckpt_path")
+        if given in (None, "best", "hpc") or (isinstance(given, str) and given.startswith("registry:")):
+            return
+        paths = sorted(last_checkpoints(self.trainer)) if given == "last" else [given]
+        for path in paths:
+            if "://" in str(path):
+                continue  # remote: AtomicCheckpointIO loads it weights-only
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--ckpt_path {path}: no such file or folder.")
+            verify_checkpoint(path)
+
     def after_fit(self) -> None:
         self._report("Final validation metrics")
 
@@ -211,7 +238,7 @@ def export_command(argv: Sequence[str]) -> None:
 
 def export_int8(module: Any, ckpt_path: str, output_dir: str) -> None:
     """The ``--int8`` branch of ``memopt export``."""
-    from lightning_memopt.checkpoint_reading import read_checkpoint
+    from lightning_memopt.core.checkpoints import read_checkpoint
     from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
     from lightning_memopt.tasks.sources import resolve_pretrained
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_memopt import AtomicCheckpointIO
-from lightning_memopt import checkpoint_io as module
+from lightning_memopt.core import atomic_io as module
 
 
 def test_save_and_load(tmp_path: Path) -> None:
@@ -47,3 +47,17 @@ def test_interrupted_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_partial_files_of_dead_writers_are_removed_at_the_next_save(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".last.ckpt.{int(dead.stdout)}.abc123{module.PARTIAL_SUFFIX}"
+    legacy = tmp_path / f".last.ckpt.k2j4h5{module.PARTIAL_SUFFIX}"  # written before the pid was in the name
+    live = tmp_path / f".last.ckpt.{os.getpid()}.zz9{module.PARTIAL_SUFFIX}"  # a save in progress elsewhere
+    for path in (orphan, legacy, live):
+        path.write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name])

@@ -346,7 +346,7 @@ def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(
     memopt(["export", f"--ckpt_path={last}", "--output_dir=exported"], cwd=tmp_path)
     from transformers import AutoModelForTokenClassification
 
-    from lightning_memopt.checkpoint_reading import read_checkpoint
+    from lightning_memopt.core.checkpoints import read_checkpoint
 
     gathered = read_checkpoint(last)
     assert gathered["global_step"] == 6

@@ -42,7 +42,7 @@ class Teacher:
 
 def checkpoint_scores(path: Path) -> dict[str, float]:
     """``{monitored metric: best score}`` from the ModelCheckpoint states saved in a Lightning checkpoint."""
-    from lightning_memopt.checkpoint_reading import read_checkpoint
+    from lightning_memopt.core.checkpoints import read_checkpoint
 
     checkpoint = read_checkpoint(path, tensors=False)
     scores = {}
@@ -75,7 +75,7 @@ def load_teacher(source: str | nn.Module) -> Teacher:
         folder = resolve_pretrained(source)
         return Teacher(_from_folder(folder), folder)
     path = Path(source).expanduser()
-    if path.is_file() or (path / "meta.pt").exists():  # a checkpoint file, or a sharded checkpoint folder
+    if path.is_file() or (path / "meta.pt").exists() or (path / "latest").exists():  # a checkpoint file or folder
         from lightning_memopt.tasks.modules import load_task_checkpoint
 
         module = load_task_checkpoint(path)

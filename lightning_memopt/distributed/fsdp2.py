@@ -29,6 +29,8 @@ from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_memopt.core.checkpoints import verify_checkpoint
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -124,6 +126,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
         self.sharded_blocks: list[str] = []
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        verify_checkpoint(checkpoint_path)  # Lightning and DeepSpeed read sharded folders with plain pickle
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     @override
     def setup_environment(self) -> None:

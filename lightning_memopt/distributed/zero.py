@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.core.checkpoints import verify_checkpoint
 from lightning_memopt.distributed.fsdp2 import required_blocks
 
 DEFAULT_BUCKET = 50_000_000
@@ -70,6 +71,11 @@ class ZeROStrategy(DeepSpeedStrategy):
         self.offload = offload
         self.activation_checkpointing = activation_checkpointing
         self.block_classes = block_classes
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        verify_checkpoint(checkpoint_path)  # Lightning and DeepSpeed read sharded folders with plain pickle
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     @override
     def setup_environment(self) -> None:

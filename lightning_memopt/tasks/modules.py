@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from lightning_memopt.checkpoint_reading import read_checkpoint
+from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.tasks.entity_f1 import EntityF1
 from lightning_memopt.tasks.optim import (
     build_adamw,

@@ -3,7 +3,9 @@
 Lightning's default ``TorchCheckpointIO`` writes straight to the destination, so a run killed while
 saving can leave a truncated ``last.ckpt`` that ``--ckpt_path last`` then fails to load. This plugin
 writes to a temporary file in the same folder, flushes it to disk, and renames it over the target
-(``os.replace`` is atomic on POSIX and Windows).
+(``os.replace`` is atomic on POSIX and Windows). A run killed by ``kill -9`` mid-write cannot clean up
+after itself, so each process's first save into a folder removes the partial files that dead
+processes left there (their names carry the writer's process id).
 
 Example (recipe YAML)::
 
@@ -24,11 +26,40 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+PARTIAL_SUFFIX = ".partial"
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_orphaned_partials(folder: Path) -> list[Path]:
+    """Delete the ``.<name>.<pid>.<random>.partial`` files of processes that no longer run; return them.
+
+    Partial files from releases before the process id was in the name (``.<name>.<random>.partial``) are
+    orphans by construction and go too.
+    """
+    removed = []
+    for partial in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        parts = partial.name[: -len(PARTIAL_SUFFIX)].split(".")
+        writer = parts[-2] if len(parts) >= 4 else ""
+        if writer.isdigit() and _alive(int(writer)):
+            continue
+        partial.unlink(missing_ok=True)
+        removed.append(partial)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,6 +68,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Loading defaults to ``weights_only=True`` for local and remote (``https://``) paths alike;
     Lightning's own default is ``False`` for remote checkpoints.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleaned: set[Path] = set()
 
     @override
     def load_checkpoint(
@@ -53,7 +88,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        if target.parent not in self.cleaned:
+            remove_orphaned_partials(target.parent)
+            self.cleaned.add(target.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{target.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=target.parent
+        )
         try:
             with os.fdopen(handle, "wb") as stream:
                 torch.save(checkpoint, stream)
