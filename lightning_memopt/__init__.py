@@ -1,5 +1,6 @@
 """lightning_memopt: memory optimisation for PyTorch Lightning fine-tuning of BERT-style transformers."""
 
+from lightning_memopt.callbacks import FinalLastCheckpoint, MetricsSummary, ValidateFinalStep
 from lightning_memopt.core import AtomicCheckpointIO, UnsafeCheckpointError, read_checkpoint, verify_checkpoint
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
@@ -21,8 +22,10 @@ __all__ = [
     "EntityF1",
     "FSDP1Strategy",
     "FSDP2Strategy",
+    "FinalLastCheckpoint",
     "KnowledgeDistillation",
     "MemoryMonitor",
+    "MetricsSummary",
     "PruningScheduler",
     "QuantizationAwareTraining",
     "SequenceClassificationDataModule",
@@ -30,6 +33,7 @@ __all__ = [
     "TokenClassificationDataModule",
     "TokenClassificationModule",
     "UnsafeCheckpointError",
+    "ValidateFinalStep",
     "ZeROStrategy",
     "load_task_checkpoint",
     "read_checkpoint",

@@ -162,7 +162,7 @@ def test_bad_input_fails_before_training(tiny_bert_dir: Path, conll_small: dict[
     from lightning.pytorch.strategies import FSDPStrategy
 
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
-    with pytest.raises(ValueError, match=r"does not support FSDPStrategy yet.*ModelParallelStrategy"):
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: .*ModelParallelStrategy"):
         KnowledgeDistillation(torch.nn.Linear(2, 2)).setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertForTokenClassification
 
 from lightning_memopt.cli import main
-from lightning_memopt.estimate.command import parse_size
+from lightning_memopt.estimate.report import parse_size
 from lightning_memopt.estimate.simulation import simulate_step
 from lightning_memopt.estimate.strategies import (
     optimizer_state_bytes,

@@ -11,7 +11,7 @@ from test_distillation_callback import make_teacher
 from transformers import AutoModelForTokenClassification
 
 from lightning_memopt import KnowledgeDistillation
-from lightning_memopt.quantization.frozen import quantize_frozen
+from lightning_memopt.core.frozen import quantize_frozen
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:

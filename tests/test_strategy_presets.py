@@ -15,8 +15,8 @@ from test_cli import RECIPES, memopt, small_ner_args
 from transformers import AutoModelForTokenClassification
 
 from lightning_memopt import FSDP1Strategy, FSDP2Strategy, ZeROStrategy
+from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import read_checkpoint
-from lightning_memopt.distributed.fsdp2 import required_blocks
 from lightning_memopt.tasks.optim import check_optimizer_strategy, offloads_optimizer
 
 pytestmark = pytest.mark.slow

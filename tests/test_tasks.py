@@ -16,8 +16,8 @@ from lightning_memopt import (
     TokenClassificationModule,
     load_task_checkpoint,
 )
+from lightning_memopt.core.sources import resolve_pretrained
 from lightning_memopt.tasks.optim import build_adamw, linear_warmup_decay, parameter_groups, warmup_decay_factor
-from lightning_memopt.tasks.sources import resolve_pretrained
 
 
 def fit(module, datamodule, root: Path, steps: int = 6) -> Trainer:

@@ -4,14 +4,16 @@ How it reaches into a module that knows nothing of it:
 
 1. A forward hook on the student's model (by default the first Hugging Face model with a task head
    inside the LightningModule, else the LightningModule itself) keeps the logits of the last forward.
-2. The module's ``training_step`` is wrapped on the instance: the original runs unchanged and returns
-   its own loss ``L`` (for our task modules: cross entropy); the wrapper runs the teacher on the same
+2. The module's ``training_step`` is wrapped on the instance (``core.patching.InstancePatches``, undone
+   exactly at teardown or on an exception: Lightning has no hook that can change a step's loss): the
+   original runs unchanged and returns its own loss ``L`` (for our task modules: cross entropy); the wrapper runs the teacher on the same
    batch and returns ``(1 - alpha) * L + alpha * T² * KL(teacher ‖ student)``, logging ``train_ce``
    (= ``L``), ``train_kd`` and that total, the loss the optimizer sees, as ``train_total`` (the module's
    own ``train_loss`` stays ``L``). ``validation_step`` is wrapped the same way to log ``val_kd`` and
    ``val_agreement`` (how often student and teacher pick the same class) next to the module's own
    metrics; when fit ends, the student's monitored metrics are printed beside the teacher's (as its
-   checkpoint recorded them). The wrappers are removed when fit ends.
+   checkpoint recorded them). The projections of intermediate-layer transfer join the trainer's first
+   optimizer as one more parameter group (``trainer.optimizers``), before a resume restores its state.
 
 Optional intermediate-layer transfer (hidden-state MSE through learned projections, attention KL,
 see :mod:`.intermediate`) adds ``hidden_weight * hidden + attention_weight * attention``; the student
@@ -34,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -44,12 +45,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_memopt.core.frozen import quantize_frozen
+from lightning_memopt.core.patching import InstancePatches
+from lightning_memopt.core.run_points import linear_ramp
+from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.distillation.checks import check_labels, check_tokenizers, check_vocabulary
 from lightning_memopt.distillation.intermediate import LayerTransfer
 from lightning_memopt.distillation.losses import IGNORE_INDEX, check_alpha_temperature, soft_target_kl
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
-from lightning_memopt.distributed.support import unsupported_strategy
-from lightning_memopt.quantization.frozen import quantize_frozen
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -94,56 +97,24 @@ def find_student_model(pl_module: LightningModule) -> tuple[str, nn.Module]:
     return "", pl_module
 
 
-def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
-    """``start`` moved linearly to ``end`` over ``total_steps`` (``start`` throughout when ``end`` is None).
+def add_param_group(trainer: Trainer, params: list[nn.Parameter]) -> None:
+    """Add ``params`` (no weight decay) to the trainer's first optimizer, following its first group's schedule.
 
-    >>> linear_schedule(0.9, 0.1, step=50, total_steps=100)
-    0.5
+    Its LR schedulers are extended too: PyTorch's schedulers keep one entry per group. Called in
+    ``on_fit_start``, before Lightning restores optimizer states on a resume.
     """
-    if end is None or total_steps <= 0:
-        return start
-    return start + (end - start) * min(step, total_steps) / total_steps
-
-
-def _optimizers_and_schedulers(configured: Any) -> tuple[list[Any], list[Any]]:
-    """Optimizers and LR schedulers in whatever ``configure_optimizers`` returned (object, dict, list, tuple)."""
-    if isinstance(configured, torch.optim.Optimizer):
-        return [configured], []
-    if isinstance(configured, torch.optim.lr_scheduler.LRScheduler):
-        return [], [configured]
-    if isinstance(configured, Mapping):
-        optimizers, schedulers = _optimizers_and_schedulers(configured.get("optimizer"))
-        scheduler = configured.get("lr_scheduler")
-        scheduler = scheduler.get("scheduler") if isinstance(scheduler, Mapping) else scheduler
-        return optimizers, schedulers + _optimizers_and_schedulers(scheduler)[1]
-    if isinstance(configured, (list, tuple)):
-        found: tuple[list[Any], list[Any]] = ([], [])
-        for item in configured:
-            optimizers, schedulers = _optimizers_and_schedulers(item)
-            found[0].extend(optimizers)
-            found[1].extend(schedulers)
-        return found
-    return [], []
-
-
-def add_param_group(configured: Any, params: list[nn.Parameter]) -> None:
-    """Add ``params`` (no weight decay) to the first optimizer ``configure_optimizers`` returned.
-
-    Its LR schedulers are extended so the new group follows the first group's schedule (PyTorch's
-    schedulers keep one entry per group).
-    """
-    optimizers, schedulers = _optimizers_and_schedulers(configured)
-    if not optimizers:
-        raise ValueError("KnowledgeDistillation found no optimizer in configure_optimizers() for its projections.")
-    optimizer = optimizers[0]
+    if not trainer.optimizers:
+        raise ValueError("KnowledgeDistillation found no optimizer (configure_optimizers) for its projections.")
+    optimizer = trainer.optimizers[0]
     first = optimizer.param_groups[0]
     group = {"params": params, "weight_decay": 0.0, "lr": first.get("initial_lr", first["lr"])}
     optimizer.add_param_group(group)
     group = optimizer.param_groups[-1]
     group["initial_lr"] = group["lr"]
     group["lr"] = first["lr"]  # where the schedule stands now
-    for scheduler in schedulers:
-        if scheduler.optimizer is not optimizer:
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if getattr(scheduler, "optimizer", None) is not optimizer:
             continue
         scheduler.base_lrs.append(group["initial_lr"])
         scheduler._last_lr.append(group["lr"])
@@ -165,7 +136,7 @@ class KnowledgeDistillation(Callback):
         attention_layers / attention_weight: ``{student layer: teacher layer}`` and the weight of their
             attention-distribution KL (0 = off).
         teacher_precision: ``"32"``, ``"bf16"`` or ``"16"`` to cast the teacher; ``"int8"`` or ``"nf4"`` to keep
-            its Linear weights in 8 or 4 bits with bitsandbytes (:func:`~lightning_memopt.quantization.frozen.quantize_frozen`;
+            its Linear weights in 8 or 4 bits with bitsandbytes (:func:`~lightning_memopt.core.frozen.quantize_frozen`;
             the task head stays float32); ``None`` keeps its dtype.
         student_module: name of the submodule whose output holds the student's logits (``""`` for the
             LightningModule itself); ``None`` finds the first Hugging Face model with a task head.
@@ -219,6 +190,7 @@ class KnowledgeDistillation(Callback):
         self._teacher_info: Teacher | None = None
         self._student_output: Any = None
         self._hook: Any = None
+        self._patches = InstancePatches()
         self._restore_config: dict[str, Any] = {}
         self._total_steps = 0
         self._saved_projections: dict[str, Tensor] | None = None
@@ -239,11 +211,13 @@ class KnowledgeDistillation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
-            raise ValueError(
-                f"KnowledgeDistillation does not support {name} yet: its sharding would have to leave the teacher "
-                "out of the student's wrapping. Use --trainer.strategy ddp, or ModelParallelStrategy (FSDP2)."
-            )
+        refuse_strategies(
+            trainer,
+            "KnowledgeDistillation",
+            UNSUPPORTED_STRATEGIES,
+            "its sharding would have to leave the teacher out of the student's wrapping",
+            "--trainer.strategy ddp, or ModelParallelStrategy (FSDP2)",
+        )
         if self._teacher_info is None:
             self._teacher_info = load_teacher(self.source)
         dtype = DTYPES.get(self.teacher_precision or "")
@@ -266,7 +240,6 @@ class KnowledgeDistillation(Callback):
             self.layers.bind(student_config, teacher_config)
             if self._saved_projections:  # restored before setup created them
                 self.layers.load_state_dict(self._saved_projections)
-            self._wrap_configure_optimizers(pl_module)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -278,22 +251,10 @@ class KnowledgeDistillation(Callback):
         if self.layers.active:
             self._return_intermediates(student)
         self._hook = student.register_forward_hook(self._keep_output)
-        training, validation = pl_module.training_step, pl_module.validation_step
-        callback = self
-
-        def training_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
-            callback._student_output = None
-            output = training(batch, *args, **kwargs)
-            return callback._add_distillation(module, batch, output)
-
-        def validation_step(module: LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
-            callback._student_output = None
-            output = validation(batch, *args, **kwargs)
-            callback._log_validation(module, batch)
-            return output
-
-        pl_module.training_step = types.MethodType(training_step, pl_module)  # type: ignore[method-assign]
-        pl_module.validation_step = types.MethodType(validation_step, pl_module)  # type: ignore[method-assign]
+        if len(self.layers.projections):
+            add_param_group(trainer, list(self.layers.parameters()))
+        self._patches.wrap(pl_module, "training_step", lambda step: self._distilling(pl_module, step))
+        self._patches.wrap(pl_module, "validation_step", lambda step: self._comparing(pl_module, step))
         rank_zero_info(
             f"KnowledgeDistillation: teacher {type(self.teacher).__name__} "
             f"({sum(p.numel() for p in self.teacher.parameters()):,} parameters, frozen) on the logits of "
@@ -318,12 +279,15 @@ class KnowledgeDistillation(Callback):
         rank_zero_info(self.summary(trainer))
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # a failed run leaves the module as it found it
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        for name in ("training_step", "validation_step", "configure_optimizers"):
-            pl_module.__dict__.pop(name, None)  # back to the class's own methods
+        self._patches.restore()  # the module's own steps again
         if self._restore_config:
             _, student = self._student(pl_module)
             attn = self._restore_config.pop("attn", None)
@@ -359,18 +323,25 @@ class KnowledgeDistillation(Callback):
                 f"its children are {names}."
             ) from None
 
-    def _wrap_configure_optimizers(self, pl_module: LightningModule) -> None:
-        """Add the learned projections to the module's optimizer as one more parameter group."""
-        configure = pl_module.configure_optimizers
-        projections = self.layers
+    def _distilling(self, pl_module: LightningModule, step: Callable[..., Any]) -> Callable[..., Any]:
+        """The module's ``training_step``, its loss mixed with the distillation loss."""
 
-        def configure_optimizers(module: LightningModule) -> Any:
-            configured = configure()
-            if len(projections.projections):
-                add_param_group(configured, list(projections.parameters()))
-            return configured
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            self._student_output = None
+            return self._add_distillation(pl_module, batch, step(batch, *args, **kwargs))
 
-        pl_module.configure_optimizers = types.MethodType(configure_optimizers, pl_module)  # type: ignore[method-assign]
+        return training_step
+
+    def _comparing(self, pl_module: LightningModule, step: Callable[..., Any]) -> Callable[..., Any]:
+        """The module's ``validation_step``, then ``val_kd`` and ``val_agreement`` logged beside its metrics."""
+
+        def validation_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            self._student_output = None
+            output = step(batch, *args, **kwargs)
+            self._log_validation(pl_module, batch)
+            return output
+
+        return validation_step
 
     def _return_intermediates(self, student: nn.Module) -> None:
         """Make the student and the teacher return hidden states / attention maps during fit."""
@@ -427,8 +398,8 @@ class KnowledgeDistillation(Callback):
                 "(set student_module= if the logits come from another submodule)."
             )
         step = pl_module.trainer.global_step
-        alpha = linear_schedule(self.alpha, self.alpha_end, step, self._total_steps)
-        temperature = linear_schedule(self.temperature, self.temperature_end, step, self._total_steps)
+        alpha = linear_ramp(self.alpha, self.alpha_end, step, self._total_steps)
+        temperature = linear_ramp(self.temperature, self.temperature_end, step, self._total_steps)
         student_logits = self.outputs_to_logits(self._student_output)
         teacher_output, teacher_inputs = self._teacher_output(batch)
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
@@ -456,7 +427,7 @@ class KnowledgeDistillation(Callback):
     def _check_tokenizers(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from transformers import AutoTokenizer
 
-        from lightning_memopt.tasks.sources import resolve_pretrained
+        from lightning_memopt.core.sources import resolve_pretrained
 
         assert self._teacher_info is not None
         student_tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None

@@ -1,7 +1,8 @@
 """Load a frozen teacher, and make a smaller student from it (DistilBERT-style layer selection).
 
-A teacher can be a hub name (``bert-base-cased``), a local folder, ``pypi:DIST``, a ``.ckpt`` of our
-task modules, or any ``nn.Module``. Folders and hub names are built from the class named in their
+A teacher can be a hub name (``bert-base-cased``), a local folder, ``pypi:DIST``, the checkpoint of
+any LightningModule holding a ``transformers`` model (found by :func:`~lightning_memopt.core.models.model_from_checkpoint`'s
+rule), or any ``nn.Module``. Folders and hub names are built from the class named in their
 ``config.json`` (``architectures``), looked up in ``transformers`` only: no remote code, no class
 path taken from a file.
 
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_memopt.tasks.sources import PYPI_PREFIX, resolve_pretrained, transformers_model_class
+from lightning_memopt.core.models import model_from_checkpoint
+from lightning_memopt.core.sources import PYPI_PREFIX, resolve_pretrained, transformers_model_class
 
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
 
@@ -38,18 +40,6 @@ class Teacher:
     model: nn.Module
     tokenizer_source: str | None
     scores: dict[str, float] = field(default_factory=dict)
-
-
-def checkpoint_scores(path: Path) -> dict[str, float]:
-    """``{monitored metric: best score}`` from the ModelCheckpoint states saved in a Lightning checkpoint."""
-    from lightning_memopt.core.checkpoints import read_checkpoint
-
-    checkpoint = read_checkpoint(path, tensors=False)
-    scores = {}
-    for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_score") is not None:
-            scores[state["monitor"]] = float(state["best_model_score"])
-    return scores
 
 
 def _looks_like_path(source: str) -> bool:
@@ -76,10 +66,8 @@ def load_teacher(source: str | nn.Module) -> Teacher:
         return Teacher(_from_folder(folder), folder)
     path = Path(source).expanduser()
     if path.is_file() or (path / "meta.pt").exists() or (path / "latest").exists():  # a checkpoint file or folder
-        from lightning_memopt.tasks.modules import load_task_checkpoint
-
-        module = load_task_checkpoint(path)
-        return Teacher(module.model, resolve_pretrained(module.model_name_or_path), checkpoint_scores(path))
+        found = model_from_checkpoint(path)
+        return Teacher(found.model, found.source, found.scores)
     if path.is_dir():
         return Teacher(_from_folder(str(path)), str(path))
     return Teacher(_from_folder(source), source)  # a hub name

@@ -30,8 +30,8 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
-from lightning_memopt.distributed.fsdp2 import required_blocks
 
 DEFAULT_BUCKET = 50_000_000
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_memopt.distributed.fsdp2 import transformer_blocks
+from lightning_memopt.core.blocks import transformer_blocks
 
 Task = Literal["token-classification", "sequence-classification"]
 AUTO_CLASSES = {

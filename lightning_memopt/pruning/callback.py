@@ -38,11 +38,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_memopt.distributed.support import unsupported_strategy
+from lightning_memopt.core.filters import ModuleFilter, as_filter, select_weights
+from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_sparsity
 from lightning_memopt.pruning.placement import full, place_like
 from lightning_memopt.pruning.schedules import ResolvedSchedule, ScheduleKind, SparsitySchedule, sparsity_at
-from lightning_memopt.pruning.selection import ModuleFilter, as_filter, select_weights
 from lightning_memopt.pruning.units import (
     UnitGroup,
     find_unit_groups,
@@ -58,16 +58,6 @@ log = logging.getLogger("lightning_memopt")
 Structure = Literal["unstructured", "heads", "neurons", "heads_and_neurons"]
 CRITERIA = {"unstructured": ("magnitude", "movement"), "structured": ("magnitude", "gradient")}
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
-
-
-def refuse_unsupported_strategies(trainer: Trainer, callback: str) -> None:
-    """Stop at setup, with what to use instead, on strategies whose flattened shards cannot be masked."""
-    if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
-        raise ValueError(
-            f"{callback} does not support {name}: it flattens parameters into shards that cannot be masked "
-            "per weight. Use --trainer.strategy ddp, or ModelParallelStrategy (FSDP2, per-parameter sharding) "
-            "for sharded training."
-        )
 
 
 class PruningScheduler(Callback):
@@ -180,7 +170,13 @@ class PruningScheduler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_unsupported_strategies(trainer, type(self).__name__)
+            refuse_strategies(
+                trainer,
+                type(self).__name__,
+                UNSUPPORTED_STRATEGIES,
+                "it flattens parameters into shards that cannot be masked per weight",
+                "--trainer.strategy ddp, or ModelParallelStrategy (FSDP2, per-parameter sharding) for sharded training",
+            )
             self._select(pl_module)  # a filter that matches nothing fails here, before any training
 
     @override

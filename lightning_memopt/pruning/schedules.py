@@ -21,21 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from lightning_memopt.core.run_points import RunLength, check_point, resolve_point
+
 ScheduleKind = Literal["constant", "linear", "cubic"]
 KINDS: tuple[str, ...] = ("constant", "linear", "cubic")
-
-
-def resolve_step(value: int | float, total_steps: int, option: str) -> int:
-    """An optimizer step from an ``int`` (a step) or a ``float`` in [0, 1] (a fraction of ``total_steps``)."""
-    if isinstance(value, bool) or value < 0:
-        raise ValueError(
-            f"{option} must be a step (int >= 0) or a fraction of the run (float in [0, 1]), got {value!r}."
-        )
-    if isinstance(value, float):
-        if value > 1:
-            raise ValueError(f"{option}={value} is a float above 1; give a step as an int or a fraction in [0, 1].")
-        return round(value * total_steps)
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -77,6 +66,8 @@ class SparsitySchedule:
             value = getattr(self, option)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{option} must be in [0, 1) (a fraction of weights set to zero), got {value}.")
+        for option in ("start", "end", "every"):
+            check_point(option, getattr(self, option))
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity={self.initial_sparsity} is above final_sparsity={self.final_sparsity}; "
@@ -87,9 +78,11 @@ class SparsitySchedule:
         """Turn fractions into steps for a run of ``total_steps`` and check the schedule fits in it."""
         if total_steps < 1:
             raise ValueError(f"The run has {total_steps} optimizer steps; a schedule needs at least one.")
-        start = resolve_step(self.start, total_steps, "start")
-        end = resolve_step(self.end, total_steps, "end")
-        every = max(1, resolve_step(self.every, total_steps, "every"))
+        length = RunLength(total_steps)
+        start, end, every = (
+            resolve_point(option, getattr(self, option), length) or 0 for option in ("start", "end", "every")
+        )
+        every = max(1, every)
         if self.kind != "constant" and end <= start:
             raise ValueError(f"The schedule ends at step {end}, not after its start at step {start}; move end later.")
         if max(start, end if self.kind != "constant" else start) > total_steps:

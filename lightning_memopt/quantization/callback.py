@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -31,28 +31,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_memopt.distributed.support import unsupported_strategy
-from lightning_memopt.pruning.selection import ModuleFilter, as_filter
+from lightning_memopt.core.filters import ModuleFilter, as_filter
+from lightning_memopt.core.run_points import Unit, check_point, resolve_point, run_length
+from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.quantization.modules import FakeQuantLinear, prepare
 
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def resolve_point(option: str, value: int | float | None, unit: str, steps: int, steps_per_epoch: int) -> int | None:
-    """An optimizer step from an int (steps or epochs, per ``unit``) or a float fraction of the run.
-
-    >>> resolve_point("start", 0.25, "steps", 400, 100), resolve_point("start", 2, "epochs", 400, 100)
-    (100, 200)
-    """
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{option}={value}: a float is a fraction of the run and must be in [0, 1].")
-        return round(value * steps)
-    if value < 0:
-        raise ValueError(f"{option}={value} must be >= 0.")
-    return value * steps_per_epoch if unit == "epochs" else value
 
 
 def check_selection(model: nn.Module, modules: Sequence[str] | ModuleFilter | None) -> None:
@@ -92,12 +76,10 @@ class QuantizationAwareTraining(Callback):
         modules: Sequence[str] | ModuleFilter | None = None,
         start: int | float = 0,
         freeze_ranges: int | float | None = None,
-        unit: Literal["steps", "epochs"] = "steps",
+        unit: Unit = "steps",
     ) -> None:
-        if unit not in ("steps", "epochs"):
-            raise ValueError(f"unit must be 'steps' or 'epochs', got {unit!r}.")
         for option, value in (("start", start), ("freeze_ranges", freeze_ranges)):
-            resolve_point(option, value, unit, 1, 1)  # range checks now, before any training
+            check_point(option, value, unit)  # before any training
         if freeze_ranges is not None and type(start) is type(freeze_ranges) and freeze_ranges < start:
             raise ValueError(f"freeze_ranges={freeze_ranges} comes before start={start}; freeze after QAT starts.")
         self.modules = modules
@@ -128,11 +110,13 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if name := unsupported_strategy(trainer, UNSUPPORTED_STRATEGIES):
-            raise ValueError(
-                f"QuantizationAwareTraining does not support {name}: sharded parameters cannot be fake-quantized per "
-                "output channel yet. Use --trainer.strategy ddp (or one device)."
-            )
+        refuse_strategies(
+            trainer,
+            "QuantizationAwareTraining",
+            UNSUPPORTED_STRATEGIES,
+            "sharded parameters cannot be fake-quantized per output channel yet",
+            "--trainer.strategy ddp (or one device)",
+        )
         check_selection(pl_module, self.modules)
         names = prepare(pl_module, self.module_filter)
         if not names:
@@ -154,12 +138,10 @@ class QuantizationAwareTraining(Callback):
                 f"only in the checkpoint {sorted(set(restored) - set(self.layers))}, "
                 f"not in it {sorted(set(self.layers) - set(restored))}. Use the same filter to resume."
             )
-        steps = int(trainer.estimated_stepping_batches)
-        per_epoch = 1
-        if self.unit == "epochs":
-            per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
-        self.start_step = resolve_point("start", self.start, self.unit, steps, per_epoch) or 0
-        self.freeze_step = resolve_point("freeze_ranges", self.freeze_ranges, self.unit, steps, per_epoch)
+        length = run_length(trainer)
+        steps = length.total_steps
+        self.start_step = resolve_point("start", self.start, length, self.unit) or 0
+        self.freeze_step = resolve_point("freeze_ranges", self.freeze_ranges, length, self.unit)
         for option, step in (("start", self.start_step), ("freeze_ranges", self.freeze_step)):
             if step is not None and step > steps:
                 raise ValueError(f"{option} resolves to step {step}, but the run has only {steps} optimizer steps.")

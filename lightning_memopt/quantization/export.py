@@ -23,9 +23,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_memopt.pruning.selection import ModuleFilter, default_filter
+from lightning_memopt.core.filters import ModuleFilter, default_filter
+from lightning_memopt.core.sources import transformers_model_class
 from lightning_memopt.quantization.modules import FakeQuantLinear, Int8DynamicLinear
-from lightning_memopt.tasks.sources import transformers_model_class
 
 FORMAT = "lightning_memopt.int8-dynamic/1"
 WEIGHTS_FILE = "model.int8.safetensors"

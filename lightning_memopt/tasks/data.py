@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_memopt.core.sources import resolve_pretrained
 from lightning_memopt.tasks.readers import (
     DataFormatError,
     LabelledText,
@@ -35,7 +36,6 @@ from lightning_memopt.tasks.readers import (
     read_table,
 )
 from lightning_memopt.tasks.resumable import ResumableShuffleSampler, batches_done_this_epoch
-from lightning_memopt.tasks.sources import resolve_pretrained
 
 log = logging.getLogger("lightning_memopt")
 

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from lightning_memopt.core.checkpoints import read_checkpoint
+from lightning_memopt.core.sources import resolve_pretrained
 from lightning_memopt.tasks.entity_f1 import EntityF1
 from lightning_memopt.tasks.optim import (
     build_adamw,
@@ -33,7 +34,6 @@ from lightning_memopt.tasks.optim import (
     offloads_optimizer,
 )
 from lightning_memopt.tasks.resumable import restore_rng_state, rng_states_of_all_ranks
-from lightning_memopt.tasks.sources import resolve_pretrained
 
 TASK_KEY = "memopt_task"
 RNG_KEY = "memopt_rng_state"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_memopt.distributed.support import unsupported_strategy
+from lightning_memopt.core.strategies import unsupported_strategy
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 

@@ -1,4 +1,4 @@
-"""``memopt estimate``: per-device peak training memory of a recipe, before launching it.
+"""Per-device peak training memory of a ``memopt fit`` config, as the table ``memopt estimate`` prints.
 
 Reads the same configs as ``memopt fit`` (nothing is instantiated and no weights are read: only the
 model's ``config.json``), simulates one training step on the meta device, and prints a table of the
@@ -10,16 +10,14 @@ given ``--device_memory``, the cheapest setting that fits.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_memopt.distributed.zero import DEFAULT_BUCKET
+from lightning_memopt.distributed import ZERO_DEFAULT_BUCKET as DEFAULT_BUCKET
 from lightning_memopt.estimate.simulation import StepSimulation, Task, simulate_step
 from lightning_memopt.estimate.strategies import Strategy, device_peak
 
@@ -174,7 +172,7 @@ def load_model_config(model: str, num_labels: int) -> Any:
     """The ``transformers`` config of ``model`` (no weights), or a clear error."""
     from transformers import AutoConfig
 
-    from lightning_memopt.tasks.sources import resolve_pretrained
+    from lightning_memopt.core.sources import resolve_pretrained
 
     try:
         return AutoConfig.from_pretrained(resolve_pretrained(model), num_labels=num_labels)
@@ -269,41 +267,3 @@ def recommend(steps: dict[bool, StepSimulation], setup: Setup, device_memory: in
         f"--data.batch_size and raise --trainer.accumulate_grad_batches (activations take about "
         f"{per_sample / MIB:,.1f} MiB per sequence with checkpointing), or use an 8-bit optimizer."
     )
-
-
-def estimate_command(argv: Sequence[str]) -> None:
-    """``memopt estimate``: predict per-device peak training memory for a ``memopt fit`` config."""
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lightning_memopt.cli import MemoptCLI
-
-    own = argparse.ArgumentParser(prog="memopt estimate", add_help=False)
-    own.add_argument("--device_memory", default=None, help="memory per device, e.g. 16GiB: recommend a setting")
-    known, rest = own.parse_known_args(list(argv))
-    try:
-        device_memory = parse_size(known.device_memory) if known.device_memory else None
-    except ValueError as error:
-        raise SystemExit(f"memopt estimate: error: {error}") from None
-
-    class ConfigOnly(MemoptCLI):
-        def instantiate_classes(self) -> None:  # read the config, build nothing
-            pass
-
-    argv_before, sys.argv = sys.argv, [f"{sys.argv[0]} estimate", *rest]  # LightningCLI reads sys.argv
-    try:
-        cli = ConfigOnly(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            run=False,
-            parser_kwargs={"prog": "memopt estimate", "description": __doc__},
-        )
-    finally:
-        sys.argv = argv_before
-    try:
-        setup = setup_from_config(cli.config)
-        report = estimate_report(setup, load_model_config(setup.model, setup.num_labels), device_memory)
-    except ValueError as error:
-        raise SystemExit(f"memopt estimate: error: {error}") from None
-    print(report)

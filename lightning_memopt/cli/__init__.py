@@ -1,0 +1,39 @@
+"""The ``memopt`` command: one module per subcommand, each thin (parse, call the library, print).
+
+Examples::
+
+    memopt fit --config recipes/ner/conll2003.yaml
+    memopt fit --config recipes/ner/conll2003.yaml --config recipes/strategies/ddp.yaml --trainer.devices 4
+    memopt validate --config recipes/ner/conll2003.yaml --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt
+    memopt export --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt --output_dir exported/ner
+    memopt student --teacher runs/ner-conll2003/checkpoints/last.ckpt --layers [0,2,4] --output_dir students/ner-l3
+    memopt estimate --config recipes/ner/conll2003.yaml --trainer.devices 2 --device_memory 16GiB
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from lightning_memopt.cli.fit import MemoptCLI, run_cli
+
+
+def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
+    from lightning_memopt.cli.estimate import estimate_command
+    from lightning_memopt.cli.export import export_command
+    from lightning_memopt.cli.student import student_command
+
+    return {"export": export_command, "student": student_command, "estimate": estimate_command}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``memopt`` console script."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if given and given[0] in commands:
+        commands[given[0]](given[1:])
+        return
+    run_cli(None if argv is None else given)
+
+
+__all__ = ["MemoptCLI", "main", "run_cli"]
