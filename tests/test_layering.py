@@ -3,6 +3,7 @@
 - ``core/`` imports nothing else of the package;
 - the techniques (``pruning``, ``distillation``, ``quantization``, ``distributed``) and ``tasks/`` and
   ``callbacks/`` import only ``core/``; ``estimate/`` also the public ``lightning_memopt.distributed``;
+- ``deploy/`` may import ``core/``, ``tasks/`` and the techniques;
 - ``cli/`` may import all of them, and nothing imports ``cli/``;
 - no import cycle between modules, function-level imports included.
 """
@@ -24,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"core"},
     "callbacks": {"core"},
     "estimate": {"core", "distributed"},
-    "cli": {"core", "callbacks", "tasks", "estimate", *TECHNIQUES},
+    "deploy": {"core", "tasks", *TECHNIQUES},
+    "cli": {"core", "callbacks", "tasks", "estimate", "deploy", *TECHNIQUES},
 }
 PUBLIC_ONLY = {("estimate", "distributed")}  # the package's public names, not its modules' internals
 

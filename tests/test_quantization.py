@@ -104,7 +104,9 @@ def test_resume_mid_qat_continues_exactly_and_checkpoints_load_into_the_plain_mo
     # The checkpoint is the plain module's: it loads without the callback, and test/fit run again on it.
     plain = TokenClassificationModule.load_from_checkpoint(tmp_path / "straight" / "last.ckpt", weights_only=True)
     assert not any(isinstance(m, FakeQuantLinear) for m in plain.modules())
-    data = TokenClassificationDataModule(train_file=str(conll_small["train"]), val_file=str(conll_small["val"]))
+    data = TokenClassificationDataModule(
+        train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), test_file=str(conll_small["val"])
+    )
     again = QuantizationAwareTraining()
     trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, callbacks=[again])
     trainer.test(straight, datamodule=data, ckpt_path=str(tmp_path / "straight" / "last.ckpt"))

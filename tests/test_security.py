@@ -126,14 +126,17 @@ def test_shard_paths_and_deepspeed_tags_cannot_leave_the_folder(tmp_path: Path) 
 
 @pytest.mark.parametrize("command", ["export", "student"])
 def test_memopt_export_and_student_refuse_a_crafted_folder(
-    command: str, crafted_folder: Path, marker: Path, tmp_path: Path
+    command: str, crafted_folder: Path, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = {
         "export": ["export", f"--ckpt_path={crafted_folder}", f"--output_dir={tmp_path / 'out'}"],
         "student": ["student", f"--teacher={crafted_folder}", "--layers=[0]", f"--output_dir={tmp_path / 'out'}"],
     }[command]
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(SystemExit) as exited:
         main(args)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("memopt: error: Refused to load") and "\n" not in error
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 

@@ -38,7 +38,10 @@ def trained_ner(conll_small: dict[str, Path], tiny_bert_dir: Path, tmp_path_fact
     torch.manual_seed(0)
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
     dm = TokenClassificationDataModule(
-        train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), batch_size=16
+        train_file=str(conll_small["train"]),
+        val_file=str(conll_small["val"]),
+        test_file=str(conll_small["val"]),
+        batch_size=16,
     )
     trainer = fit(module, dm, root)
     checkpoint = root / "model.ckpt"
@@ -103,7 +106,9 @@ def test_sequence_classification_round_trip(sst2_small: dict[str, Path], tiny_be
     from transformers import AutoModelForSequenceClassification
 
     module = SequenceClassificationModule(str(tiny_bert_dir), labels=["0", "1"], learning_rate=1e-3)
-    dm = SequenceClassificationDataModule(train_file=str(sst2_small["train"]), val_file=str(sst2_small["val"]))
+    dm = SequenceClassificationDataModule(
+        train_file=str(sst2_small["train"]), val_file=str(sst2_small["val"]), test_file=str(sst2_small["val"])
+    )
     trainer = fit(module, dm, tmp_path)
     assert {"val_accuracy", "val_macro_f1", "val_loss"} <= set(trainer.callback_metrics)
     trainer.save_checkpoint(tmp_path / "sst2.ckpt")
@@ -196,10 +201,14 @@ def test_fit_again_after_test_on_the_same_module(
     """Metric states reset under test's inference mode must not break the next fit's validation."""
     if task == "ner":
         module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS, learning_rate=1e-3)
-        dm = TokenClassificationDataModule(train_file=str(conll_small["train"]), val_file=str(conll_small["val"]))
+        dm = TokenClassificationDataModule(
+            train_file=str(conll_small["train"]), val_file=str(conll_small["val"]), test_file=str(conll_small["val"])
+        )
     else:
         module = SequenceClassificationModule(str(tiny_bert_dir), labels=["0", "1"], learning_rate=1e-3)
-        dm = SequenceClassificationDataModule(train_file=str(sst2_small["train"]), val_file=str(sst2_small["val"]))
+        dm = SequenceClassificationDataModule(
+            train_file=str(sst2_small["train"]), val_file=str(sst2_small["val"]), test_file=str(sst2_small["val"])
+        )
     fit(module, dm, tmp_path, steps=2)
     quiet_trainer().test(module, datamodule=dm)
     trainer = fit(module, dm, tmp_path, steps=2)

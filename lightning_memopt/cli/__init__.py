@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from lightning_memopt.cli.console import exit_with_user_error, take_console_flags
 from lightning_memopt.cli.fit import MemoptCLI, run_cli
 
 
@@ -27,13 +28,20 @@ def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``memopt`` console script."""
-    given = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``memopt`` console script: a user error ends it with one line and status 2.
+
+    ``--debug`` shows tracebacks, ``--quiet`` / ``--verbose`` set the log level (INFO by default).
+    """
+    given = take_console_flags(list(sys.argv[1:] if argv is None else argv))
     commands = _commands()
-    if given and given[0] in commands:
-        commands[given[0]](given[1:])
-        return
-    run_cli(None if argv is None else given)
+    try:
+        if given and given[0] in commands:
+            commands[given[0]](given[1:])
+        else:
+            run_cli(given)
+    except Exception as error:
+        exit_with_user_error(error)
+        raise
 
 
 __all__ = ["MemoptCLI", "main", "run_cli"]

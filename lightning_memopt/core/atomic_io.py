@@ -17,7 +17,10 @@ Example (recipe YAML)::
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,10 @@ def remove_orphaned_partials(folder: Path) -> list[Path]:
         writer = parts[-2] if len(parts) >= 4 else ""
         if writer.isdigit() and _alive(int(writer)):
             continue
-        partial.unlink(missing_ok=True)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)  # an export folder that never finished
+        else:
+            partial.unlink(missing_ok=True)
         removed.append(partial)
     return removed
 
@@ -104,3 +110,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+@contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False, option: str = "--output_dir") -> Iterator[Path]:
+    """Write a folder all at once: into a hidden sibling, moved into place only when the block succeeds.
+
+    A ``target`` that already holds files is refused unless ``overwrite``, which replaces it whole (never a
+    mix of old and new files). The folder's mode follows the umask, like ``mkdir``.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{option} {target} is a file; give a folder (it is created if missing).")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{option} {target} already holds files; pass --overwrite true to replace the folder whole, or write "
+            "to a new one."
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=target.parent))
+    except PermissionError:
+        raise PermissionError(
+            f"{option} {target}: cannot write in {target.parent}; choose a folder you can write to."
+        ) from None
+    os.chmod(work, 0o777 & ~_current_umask())
+    try:
+        yield work
+        if target.exists():
+            retired = work.with_name(f"{work.name}.replaced")
+            os.replace(target, retired)
+            os.replace(work, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -113,6 +113,22 @@ class PaddingCollator:
         return batch
 
 
+AUTO_LABELS = "auto"
+
+
+def label_order(observed: Sequence[str]) -> list[str]:
+    """A stable order for labels found in data: ``O`` first, then by entity type (``B-`` before ``I-``); numbers
+    numerically.
+
+    >>> label_order(["I-PER", "B-LOC", "O", "B-PER"]), label_order(["10", "2", "1"])
+    (['O', 'B-LOC', 'B-PER', 'I-PER'], ['1', '2', '10'])
+    """
+    unique = set(observed)
+    if unique and all(label.lstrip("-").isdigit() for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique, key=lambda tag: (tag != "O", tag[2:], tag))
+
+
 class TransformerDataModule(LightningDataModule):
     """Shared plumbing: tokenizer and label resolution, loaders, seeding, truncation report."""
 
@@ -136,16 +152,23 @@ class TransformerDataModule(LightningDataModule):
         seed: int = 42,
         max_train_examples: int | None = None,
         max_val_examples: int | None = None,
+        test_file: str | None = None,
+        test_split: str = "test",
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
-        if dataset_name is None and train_file is None and val_file is None:
-            raise ValueError("Give data files (--data.train_file/--data.val_file) or a hub --data.dataset_name.")
+        if dataset_name is None and train_file is None and val_file is None and test_file is None:
+            raise ValueError(
+                "Give data files (--data.train_file/--data.val_file/--data.test_file) or a hub --data.dataset_name."
+            )
         for option, value in {"max_length": max_length, "batch_size": batch_size}.items():
             if value < 1:
                 raise ValueError(f"--data.{option} must be at least 1, got {value}.")
         self.train_file, self.val_file = train_file, val_file
         self.dataset_name, self.dataset_config, self.dataset_revision = dataset_name, dataset_config, dataset_revision
         self.train_split, self.val_split = train_split, val_split
+        self.test_file, self.test_split = test_file, test_split
+        self.encoding = encoding
         self.tokenizer_name = tokenizer
         self.labels = labels
         self.max_length = max_length
@@ -159,6 +182,7 @@ class TransformerDataModule(LightningDataModule):
         self.tokenizer: Any = None
         self.datasets: dict[str, EncodedDataset] = {}
         self.truncated: dict[str, int] = {}
+        self._raw_cache: dict[str, list[Any]] = {}  # a split already read to infer the labels
 
     # -- what follows the model -------------------------------------------------------------
     def _attached_module(self) -> Any:
@@ -181,9 +205,16 @@ class TransformerDataModule(LightningDataModule):
                 "drop --data.labels (the data module follows the model) or make them equal."
             )
         labels = self.labels or module_labels
-        if labels is None:
-            labels = sorted(set(observed), key=lambda tag: (tag != "O", tag[2:], tag))
+        if labels is None or labels == AUTO_LABELS:
+            labels = label_order(observed)
         return list(labels)
+
+    def infer_labels(self) -> list[str]:
+        """The label list of the training data (or of the first split given), in :func:`label_order`."""
+        split = "train" if self.train_file or self.dataset_name else "validation" if self.val_file else "test"
+        raw = self.read_split(split)
+        self._raw_cache[split] = raw
+        return label_order(self.observed_labels(raw))
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -216,18 +247,19 @@ class TransformerDataModule(LightningDataModule):
 
     # -- raw data ---------------------------------------------------------------------------
     def read_split(self, split: str) -> list[Any]:
-        """Raw examples of ``"train"`` or ``"validation"``, from a file or from the hub."""
-        file = self.train_file if split == "train" else self.val_file
+        """Raw examples of ``"train"``, ``"validation"`` or ``"test"``, from a file or from the hub."""
+        file = {"train": self.train_file, "validation": self.val_file, "test": self.test_file}[split]
         limit = self.max_train_examples if split == "train" else self.max_val_examples
+        option = {"train": "train", "validation": "val", "test": "test"}[split]
         if file is not None:
             examples = self.read_file(file)
         elif self.dataset_name is not None:
-            hub_split = self.train_split if split == "train" else self.val_split
+            hub_split = {"train": self.train_split, "validation": self.val_split, "test": self.test_split}[split]
             examples = self.from_hub(
                 load_hub_split(self.dataset_name, self.dataset_config, hub_split, self.dataset_revision)
             )
         else:
-            raise ValueError(f"No {split} data: set --data.{'train' if split == 'train' else 'val'}_file.")
+            raise ValueError(f"No {split} data: set --data.{option}_file.")
         return examples[:limit] if limit else examples
 
     def read_file(self, path: str) -> list[Any]:
@@ -243,12 +275,41 @@ class TransformerDataModule(LightningDataModule):
         raise NotImplementedError
 
     # -- Lightning hooks --------------------------------------------------------------------
+    def position_limit(self) -> int | None:
+        """The most tokens the model takes: its position embeddings, or the tokenizer's own limit if lower."""
+        config = getattr(getattr(self._attached_module(), "model", None), "config", None)
+        limits = [getattr(config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
+        known = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+        return min(known) if known else None
+
+    def check_lengths(self) -> None:
+        """``max_length`` or ``eval_max_length`` beyond the model's positions is an error now, not at its batch."""
+        limit = self.position_limit()
+        for option, value in (("max_length", self.max_length), ("eval_max_length", self.eval_max_length)):
+            if limit is not None and value > limit:
+                raise ValueError(
+                    f"--data.{option}={value} is more tokens than the model takes ({limit} positions); set it to at "
+                    f"most {limit}. Longer texts are truncated to it."
+                )
+
     def setup(self, stage: str) -> None:
         self.tokenizer = self.load_tokenizer()
-        splits = ["validation"] if stage in ("validate", "test", "predict") else ["train", "validation"]
+        self.check_lengths()
+        splits = {"validate": ["validation"], "predict": ["validation"], "test": ["test"]}.get(
+            stage, ["train", "validation"]
+        )
         if stage == "fit" and self.val_file is None and self.dataset_name is None:
             splits = ["train"]
-        raw = {split: self.read_split(split) for split in splits if split not in self.datasets}
+        if stage == "test" and self.test_file is None and self.dataset_name is None:
+            raise ValueError(
+                "memopt test scores held-out test data: set --data.test_file (validation data is scored by memopt "
+                "validate)."
+            )
+        raw = {
+            split: self._raw_cache.pop(split, None) or self.read_split(split)
+            for split in splits
+            if split not in self.datasets
+        }
         observed = sorted({label for examples in raw.values() for label in self.observed_labels(examples)})
         self.labels = self.resolve_labels(observed)
         label_ids = {label: index for index, label in enumerate(self.labels)}
@@ -315,8 +376,8 @@ class TransformerDataModule(LightningDataModule):
         return self._eval_loader("validation") if "validation" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        """``trainer.test`` scores the validation data (the recipes' corpora ship no labelled test split here)."""
-        return self._eval_loader("validation")
+        """Length-sorted batches of the test data (``--data.test_file``, or the hub's ``--data.test_split``)."""
+        return self._eval_loader("test")
 
 
 class TokenClassificationDataModule(TransformerDataModule):
@@ -359,7 +420,7 @@ class TokenClassificationDataModule(TransformerDataModule):
         return tokenizer
 
     def read_file(self, path: str) -> list[TaggedSentence]:
-        sentences, scheme = load_conll(path, self.token_column, self.tag_column)
+        sentences, scheme = load_conll(path, self.token_column, self.tag_column, self.encoding)
         log.info("%s: %d sentences, tagging scheme %s (normalised to IOB2)", path, len(sentences), scheme)
         return sentences
 
@@ -455,7 +516,7 @@ class SequenceClassificationDataModule(TransformerDataModule):
         self.save_hyperparameters(ignore=["labels"])
 
     def read_file(self, path: str) -> list[LabelledText]:
-        return read_table(path, self.text_column, self.label_column, self.text_pair_column)
+        return read_table(path, self.text_column, self.label_column, self.text_pair_column, self.encoding)
 
     def from_hub(self, dataset: Any) -> list[LabelledText]:
         return [

@@ -40,10 +40,18 @@ RNG_KEY = "memopt_rng_state"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 
 
-def check_labels(labels: list[str] | None) -> list[str]:
+def check_labels(labels: list[str] | str | None) -> list[str]:
     """Validate a label list: non-empty, unique strings."""
-    if not labels:
-        raise ValueError("--model.labels is required: the list of label names, e.g. ['O', 'B-PER', 'I-PER'].")
+    if labels == "auto":
+        raise ValueError(
+            "--model.labels auto is resolved by memopt fit from --data.train_file; in Python, pass the list "
+            "(TokenClassificationDataModule(...).infer_labels() reads it from the data)."
+        )
+    if not labels or isinstance(labels, str):
+        raise ValueError(
+            "--model.labels is required: the list of label names, e.g. ['O', 'B-PER', 'I-PER'], or auto to take "
+            "them from the training data."
+        )
     labels = [str(label) for label in labels]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
@@ -59,7 +67,7 @@ class TransformerTaskModule(LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "bert-base-cased",
-        labels: list[str] | None = None,
+        labels: list[str] | Literal["auto"] | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,

@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +50,40 @@ class LabelledText:
     text_pair: str | None = None
 
 
-def open_text(path: str | Path) -> IO[str]:
-    """Open a plain or gzip-compressed UTF-8 text file (compression detected from the content)."""
+def open_text(path: str | Path, encoding: str = "utf-8") -> IO[str]:
+    """Open a plain or gzip-compressed text file (compression detected from the content)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(
+            f"--data.encoding={encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1)."
+        ) from None
     with path.open("rb") as raw:
         is_gzip = raw.read(2) == b"\x1f\x8b"
     if is_gzip:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding)
+    return path.open(encoding=encoding)
+
+
+def text_lines(path: str | Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The lines of a (gzip) text file; a decoding error or a truncated gzip names the file and line."""
+    line_number = 0
+    with open_text(path, encoding) as handle:
+        try:
+            for line_number, line in enumerate(handle, start=1):  # noqa: B007 (read in the except clause)
+                yield line
+        except UnicodeDecodeError as error:
+            raise DataFormatError(
+                f"{path}:{line_number + 1}: not valid {encoding} ({error.reason} at byte {error.start} of a block); "
+                "set --data.encoding to the file's encoding (e.g. latin-1)."
+            ) from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise DataFormatError(
+                f"{path}:{line_number + 1}: the gzip file is damaged or truncated ({error})."
+            ) from None
 
 
 def _check_tag(tag: str, where: str) -> None:
@@ -71,7 +97,9 @@ def _check_tag(tag: str, where: str) -> None:
         )
 
 
-def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) -> list[TaggedSentence]:
+def read_conll(
+    path: str | Path, token_column: int = 0, tag_column: int = -1, encoding: str = "utf-8"
+) -> list[TaggedSentence]:
     """Read a CoNLL-style file: one token per line, columns split on whitespace, blank line between sentences.
 
     ``-DOCSTART-`` lines mark documents and are skipped. Tags are returned as written (see
@@ -94,24 +122,30 @@ def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) ->
             tokens.clear()
             tags.clear()
 
-    with open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                flush()
-                continue
-            if fields[0] == DOCSTART:
-                flush()
-                continue
-            where = f"{path}:{line_number}"
-            if len(fields) < needed:
-                raise DataFormatError(
-                    f"{where}: expected at least {needed} whitespace-separated columns "
-                    f"(--data.token_column={token_column}, --data.tag_column={tag_column}), got {len(fields)}: {line.strip()!r}"
-                )
-            _check_tag(fields[tag_column], where)
-            tokens.append(fields[token_column])
-            tags.append(fields[tag_column])
+    columns: tuple[int, int] | None = None  # (count, first line) of the file's first token line
+    for line_number, line in enumerate(text_lines(path, encoding), start=1):
+        fields = line.split()
+        if not fields:
+            flush()
+            continue
+        if fields[0] == DOCSTART:
+            flush()
+            continue
+        where = f"{path}:{line_number}"
+        if len(fields) < needed:
+            raise DataFormatError(
+                f"{where}: expected at least {needed} whitespace-separated columns "
+                f"(--data.token_column={token_column}, --data.tag_column={tag_column}), got {len(fields)}: {line.strip()!r}"
+            )
+        columns = columns or (len(fields), line_number)
+        if len(fields) != columns[0]:
+            raise DataFormatError(
+                f"{where}: {len(fields)} columns where line {columns[1]} has {columns[0]}: {line.strip()!r}; a column "
+                f"is missing or extra (the tag is column {tag_column}, --data.tag_column)."
+            )
+        _check_tag(fields[tag_column], where)
+        tokens.append(fields[token_column])
+        tags.append(fields[tag_column])
     flush()
     if not sentences:
         raise DataFormatError(f"{path}: no sentences found; is this a CoNLL-format file?")
@@ -139,9 +173,11 @@ def iob_to_iob2(tags: Sequence[str]) -> list[str]:
     return result
 
 
-def load_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) -> tuple[list[TaggedSentence], str]:
+def load_conll(
+    path: str | Path, token_column: int = 0, tag_column: int = -1, encoding: str = "utf-8"
+) -> tuple[list[TaggedSentence], str]:
     """Read a CoNLL file and normalise its tags to IOB2; also say which scheme the file used."""
-    sentences = read_conll(path, token_column, tag_column)
+    sentences = read_conll(path, token_column, tag_column, encoding)
     normalised = [TaggedSentence(s.tokens, tuple(iob_to_iob2(s.tags))) for s in sentences]
     prefixes = {tag[0] for s in sentences for tag in s.tags}
     if prefixes & {"E", "S"}:
@@ -153,38 +189,38 @@ def load_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) ->
     return normalised, scheme
 
 
-def _table_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _table_rows(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(line_number, row)`` from a TSV, CSV or JSON-lines file (optionally gzip-compressed)."""
     suffixes = [s for s in path.suffixes if s != ".gz"]
     kind = suffixes[-1] if suffixes else ""
-    with open_text(path) as handle:
-        if kind == ".jsonl":
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataFormatError(f"{path}:{line_number}: not valid JSON ({error.msg}).") from None
-                if not isinstance(row, dict):
-                    raise DataFormatError(f"{path}:{line_number}: expected a JSON object per line.")
-                yield line_number, {key: str(value) for key, value in row.items()}
-            return
-        if kind not in (".tsv", ".csv"):
-            raise DataFormatError(f"{path}: unknown table format {kind!r}; use .tsv, .csv or .jsonl (optionally .gz).")
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == ".tsv" else csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise DataFormatError(f"{path}: the file is empty; a header line with column names is expected.")
-        for fields in reader:
-            line_number = reader.line_num
-            if not fields:
+    if kind not in (".tsv", ".csv", ".jsonl"):
+        raise DataFormatError(f"{path}: unknown table format {kind!r}; use .tsv, .csv or .jsonl (optionally .gz).")
+    lines = text_lines(path, encoding)
+    if kind == ".jsonl":
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
-            if len(fields) != len(header):
-                raise DataFormatError(
-                    f"{path}:{line_number}: expected {len(header)} fields like the header {header}, got {len(fields)}."
-                )
-            yield line_number, dict(zip(header, fields, strict=True))
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataFormatError(f"{path}:{line_number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{line_number}: expected a JSON object per line.")
+            yield line_number, {key: str(value) for key, value in row.items()}
+        return
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == ".tsv" else csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        raise DataFormatError(f"{path}: the file is empty; a header line with column names is expected.")
+    for fields in reader:
+        line_number = reader.line_num
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise DataFormatError(
+                f"{path}:{line_number}: expected {len(header)} fields like the header {header}, got {len(fields)}."
+            )
+        yield line_number, dict(zip(header, fields, strict=True))
 
 
 def read_table(
@@ -192,6 +228,7 @@ def read_table(
     text_column: str = "sentence",
     label_column: str = "label",
     text_pair_column: str | None = None,
+    encoding: str = "utf-8",
 ) -> list[LabelledText]:
     """Read labelled texts from a ``.tsv``, ``.csv`` or ``.jsonl`` file (plain or ``.gz``).
 
@@ -200,7 +237,7 @@ def read_table(
     path = Path(path)
     examples: list[LabelledText] = []
     options = {"text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column}
-    for line_number, row in _table_rows(path):
+    for line_number, row in _table_rows(path, encoding):
         for option, column in options.items():
             if column is not None and column not in row:
                 raise DataFormatError(

@@ -1,0 +1,167 @@
+"""Export the model of any LightningModule's checkpoint as a folder: float, shrunk, sparse or int8.
+
+The folder is written whole or not at all (:func:`~lightning_memopt.core.atomic_io.atomic_folder`):
+an existing export is never mixed with a new one, and a ``manifest.json`` records what was exported,
+from which checkpoint (with its SHA-256), by which command and package version.
+
+Example:
+    >>> export_checkpoint("runs/ner/checkpoints/last.ckpt", "exported/ner", int8=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_memopt.core.atomic_io import atomic_folder
+from lightning_memopt.core.checkpoints import read_checkpoint
+from lightning_memopt.core.models import model_from_checkpoint
+from lightning_memopt.core.sources import resolve_pretrained
+from lightning_memopt.pruning.sparse_format import save_sparse
+from lightning_memopt.pruning.structured import shrink_pruned
+from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
+from lightning_memopt.tasks.modules import TASK_CLASSES, TASK_KEY, load_task_checkpoint
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and what it says about itself (the manifest's content)."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)  # what the export did, for people
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, or of a sharded folder's files (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_flags(int8: bool, sparse: bool, shrink: bool) -> None:
+    """Refuse export options that cannot be honoured together."""
+    if int8 and (sparse or shrink):
+        given = " and ".join(flag for flag, on in (("--sparse", sparse), ("--shrink", shrink)) if on)
+        raise ValueError(
+            f"--int8 cannot be combined with {given}: the int8 export writes its own weight file and keeps the "
+            "model's shape. Export twice, once with --int8 and once with the float options."
+        )
+
+
+def model_of(ckpt_path: Path, model_source: str | None, prefix: str | None) -> tuple[nn.Module, str, str]:
+    """(model, tokenizer source, prefix of the model in the module) of a checkpoint of any LightningModule."""
+    task = read_checkpoint(ckpt_path, tensors=False).get(TASK_KEY)
+    if task in TASK_CLASSES and model_source is None and prefix is None:
+        module = load_task_checkpoint(ckpt_path)
+        return module.model, resolve_pretrained(module.model_name_or_path), "model."
+    found = model_from_checkpoint(ckpt_path, source=model_source, prefix=prefix)
+    return found.model, found.source, found.prefix
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    output_dir: str | Path,
+    *,
+    int8: bool = False,
+    sparse: bool = False,
+    shrink: bool = False,
+    overwrite: bool = False,
+    model_source: str | None = None,
+    prefix: str | None = None,
+) -> ExportResult:
+    """Write the model in ``ckpt_path`` (any LightningModule's checkpoint) to ``output_dir``.
+
+    Args:
+        int8: int8 Linear weights (a QuantizationAwareTraining run's layers and scales, else post-training).
+        sparse: also write ``model.sparse.safetensors``, pruned weights packed.
+        shrink: cut structurally pruned neurons (and heads) out of the model.
+        overwrite: replace an existing ``output_dir`` whole.
+        model_source, prefix: for checkpoints that do not say which ``transformers`` model they hold
+            (see :func:`~lightning_memopt.core.models.model_from_checkpoint`).
+    """
+    ckpt_path = Path(ckpt_path)
+    check_flags(int8, sparse, shrink)
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
+    model, tokenizer_source, model_prefix = model_of(ckpt_path, model_source, prefix)
+    lines: list[str] = []
+    with atomic_folder(output_dir, overwrite) as folder:
+        if int8:
+            state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
+            names = convert_with_qat_state(model, state, prefix=model_prefix)
+            if state is None:
+                how = "post-training dynamic quantization (no QAT state in the checkpoint)"
+            else:
+                how = f"QAT layers{' with frozen weight scales' if state['frozen_scales'] else ''}"
+            report = save_int8(model, folder, tokenizer_source)
+            lines.append(
+                f"int8 {type(model).__name__}: {len(names)} Linear layers from {how}; their weights take "
+                f"{report.int8_weight_bytes / 2**20:.1f} MiB for {report.fp32_weight_bytes / 2**20:.1f} MiB in float32 "
+                f"({report.ratio:.1%}). Load with lightning_memopt.quantization.load_int8."
+            )
+        else:
+            if shrink:
+                shrunk = shrink_pruned(model)
+                lines.append(
+                    f"Shrunk: {shrunk.neurons_kept} feed-forward neurons per block kept; parameters "
+                    f"{shrunk.params_before:,} -> {shrunk.params_after:,} ({shrunk.params_after / shrunk.params_before:.1%})."
+                )
+            model.save_pretrained(folder)
+            _save_tokenizer(tokenizer_source, folder, lines)
+            labels = list(getattr(model.config, "id2label", {}).values())
+            lines.append(f"{type(model).__name__} with labels {labels}")
+            if sparse:
+                packed = save_sparse(model.state_dict(), folder / "model.sparse.safetensors")
+                lines.append(
+                    f"Sparse copy: {packed.file_bytes / 2**20:.1f} MiB for {packed.dense_bytes / 2**20:.1f} MiB of dense "
+                    f"tensors ({packed.ratio:.1%}); {len(packed.packed)} pruned tensors packed "
+                    "(lightning_memopt.pruning.load_sparse)."
+                )
+        manifest = {
+            "format": "int8" if int8 else "transformers",
+            "sparse": sparse,
+            "shrink": shrink,
+            "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)},
+            "model": {"class": type(model).__name__, "from": tokenizer_source, "prefix": model_prefix},
+            "command": sys.argv,
+            "lightning_memopt": _version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return ExportResult(Path(output_dir), manifest, lines)
+
+
+def _save_tokenizer(source: str, folder: Path, lines: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        lines.append(f"No tokenizer written: {source!r} has none ({error}).")
+        return
+    tokenizer.save_pretrained(folder)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightning-memopt")
+    except PackageNotFoundError:
+        return "unknown"
