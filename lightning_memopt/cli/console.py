@@ -52,9 +52,12 @@ def user_error_message(error: BaseException) -> str | None:
     if not found:
         return None
     message = " ".join(str(found[-1]).split())
-    keys = [match.group(1) for e in chain if (match := PARSER_KEY.search(str(e)))]
-    if keys and keys[0] not in message:  # jsonargparse names the option only in its outer report
-        message = f"--{keys[0]}: {message}"
+    keys: list[str] = []  # jsonargparse names the option in its outer reports, outermost first
+    for e in chain:
+        if (match := PARSER_KEY.search(str(e))) and match.group(1) not in keys:
+            keys.append(match.group(1))
+    if keys and keys[-1] not in message:
+        message = f"--{'.'.join(keys)}: {message}"
     return message
 
 

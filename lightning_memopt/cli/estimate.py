@@ -42,7 +42,7 @@ def estimate_command(argv: Sequence[str]) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             run=False,
-            parser_kwargs={"prog": "memopt estimate", "description": __doc__},
+            parser_kwargs={"prog": "memopt estimate", "description": __doc__, "exit_on_error": False},
         )
     finally:
         sys.argv = argv_before

@@ -189,7 +189,18 @@ class MemoptCLI(LightningCLI):
             if not Path(path).exists():
                 raise FileNotFoundError(f"--ckpt_path {path}: no such file or folder.")
             verify_checkpoint(path)
-            check_checkpoint_matches(self.config[subcommand].get("model"), read_checkpoint(path, tensors=False), path)
+            checkpoint = read_checkpoint(path, tensors=False)
+            check_checkpoint_matches(self.config[subcommand].get("model"), checkpoint, path)
+            self._from_cli = "_class_path" in (checkpoint.get("hyper_parameters") or {})
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's own merge of a checkpoint's hyper-parameters into the config (a private hook).
+
+        Only checkpoints written through a CLI name their class, which that merge needs; for others (written
+        from Python) the config stays as given, its model, task and labels checked against them above.
+        """
+        if getattr(self, "_from_cli", True):
+            super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         self._verify_ckpt_path()

@@ -112,6 +112,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode a plain ``open``/``mkdir`` would (some writers use 0600)."""
+    mask = _current_umask()
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False, option: str = "--output_dir") -> Iterator[Path]:
     """Write a folder all at once: into a hidden sibling, moved into place only when the block succeeds.
@@ -137,6 +144,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False, option: str = "--
     os.chmod(work, 0o777 & ~_current_umask())
     try:
         yield work
+        follow_umask(work)
         if target.exists():
             retired = work.with_name(f"{work.name}.replaced")
             os.replace(target, retired)

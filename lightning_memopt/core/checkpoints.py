@@ -177,6 +177,10 @@ def _load_file(path: Path, map_location: str | torch.device = "cpu", mmap: bool 
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise _refuse(path, error) from None
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader (or mmap) on a truncated or damaged file
+        raise ValueError(f"{path} is not a readable checkpoint: it is truncated or damaged ({error}).") from None
 
 
 def _deepspeed_classes() -> list[Any]:

@@ -120,13 +120,15 @@ def label_order(observed: Sequence[str]) -> list[str]:
     """A stable order for labels found in data: ``O`` first, then by entity type (``B-`` before ``I-``); numbers
     numerically.
 
-    >>> label_order(["I-PER", "B-LOC", "O", "B-PER"]), label_order(["10", "2", "1"])
-    (['O', 'B-LOC', 'B-PER', 'I-PER'], ['1', '2', '10'])
+    >>> label_order(["I-PER", "B-LOC", "O", "B-PER"]), label_order(["10", "2", "1"]), label_order(["NUM", "HUM"])
+    (['O', 'B-LOC', 'B-PER', 'I-PER'], ['1', '2', '10'], ['HUM', 'NUM'])
     """
     unique = set(observed)
     if unique and all(label.lstrip("-").isdigit() for label in unique):
         return sorted(unique, key=int)
-    return sorted(unique, key=lambda tag: (tag != "O", tag[2:], tag))
+    if all(tag == "O" or tag[1:2] == "-" for tag in unique):  # IOB tags
+        return sorted(unique, key=lambda tag: (tag != "O", tag[2:], tag))
+    return sorted(unique)
 
 
 class TransformerDataModule(LightningDataModule):

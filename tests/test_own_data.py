@@ -1,0 +1,82 @@
+"""The README's "your own data" path: a new CoNLL or TSV dataset with only the data options, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT
+
+from lightning_memopt.cli import main
+
+RECIPES = PROJECT_ROOT / "recipes"
+
+
+def own_conll(folder: Path) -> dict[str, str]:
+    """A tiny WNUT-like CoNLL corpus with tags the CoNLL-2003 recipe does not know."""
+    sentences = [
+        [("@paul", "B-person"), ("loves", "O"), ("Seattle", "B-location")],
+        [("new", "B-product"), ("iPhone", "I-product"), ("out", "O")],
+        [("the", "O"), ("Space", "B-location"), ("Needle", "I-location")],
+        [("ask", "O"), ("Anna", "B-person"), ("Smith", "I-person")],
+    ] * 4
+    text = "\n\n".join("\n".join(f"{word}\t{tag}" for word, tag in sentence) for sentence in sentences) + "\n"
+    folder.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.conll").write_text(text, encoding="utf-8")
+    return {split: str(folder / f"{split}.conll") for split in ("train", "dev", "test")}
+
+
+def own_tsv(folder: Path) -> dict[str, str]:
+    """A tiny TREC-like question-type table with three string labels."""
+    rows = [
+        ("what is the capital of peru", "LOC"),
+        ("who wrote hamlet", "HUM"),
+        ("how many legs has a spider", "NUM"),
+    ] * 6
+    text = "sentence\tlabel\n" + "".join(f"{sentence}\t{label}\n" for sentence, label in rows)
+    folder.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.tsv").write_text(text, encoding="utf-8")
+    return {split: str(folder / f"{split}.tsv") for split in ("train", "dev", "test")}
+
+
+@pytest.mark.parametrize("task", ["ner", "classification"])
+def test_a_new_dataset_with_only_the_data_options(
+    task: str, tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.chdir(tmp_path)
+    base = "ner/conll2003.yaml" if task == "ner" else "classification/sst2.yaml"
+    files = own_conll(tmp_path / "wnut") if task == "ner" else own_tsv(tmp_path / "trec")
+    recipe = ["--config", str(RECIPES / base), "--config", str(RECIPES / task / "own-data.yaml")]
+    data = [
+        f"--data.train_file={files['train']}",
+        f"--data.val_file={files['dev']}",
+        f"--data.test_file={files['test']}",
+    ]
+    fast = [
+        f"--model.model_name_or_path={tiny_bert_dir}",
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    main(["fit", *recipe, *data, *fast])
+    fitted = capsys.readouterr().out
+    expected = (
+        ["O", "B-location", "I-location", "B-person", "I-person", "B-product", "I-product"]
+        if task == "ner"
+        else ["HUM", "LOC", "NUM"]
+    )
+    assert f"Labels inferred from the data ({len(expected)}): {expected}" in fitted
+    run = tmp_path / "runs" / ("wnut" if task == "ner" else "trec")  # the run folder follows the data
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    main(["test", *recipe, *data, *fast, f"--ckpt_path={last}"])
+    tested = capsys.readouterr().out
+    assert "Test metrics (step 2):" in tested and ("test_f1" in tested or "test_accuracy" in tested)
+
+    main(["export", f"--ckpt_path={last}", f"--output_dir={tmp_path / 'exported'}"])
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert list(config["id2label"].values()) == expected
