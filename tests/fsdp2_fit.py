@@ -13,7 +13,7 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 import torch
-from conftest import CONLL_LABELS, Interrupt
+from helpers import CONLL_LABELS, Interrupt
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from param_digest import tensor_digest

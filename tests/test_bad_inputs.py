@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS, PROJECT_ROOT, quiet_trainer
+from helpers import CONLL_LABELS, NER, SST2, quiet_trainer
 
 from lightning_memopt import SequenceClassificationModule, TokenClassificationModule
 from lightning_memopt.cli import main
 from lightning_memopt.core.run_lock import LOCK_FILE
-
-RECIPES = PROJECT_ROOT / "recipes"
-NER = ["--config", str(RECIPES / "ner/conll2003.yaml"), "--config", str(RECIPES / "ner/conll2003-offline.yaml")]
-SST2 = [
-    "--config",
-    str(RECIPES / "classification/sst2.yaml"),
-    "--config",
-    str(RECIPES / "classification/sst2-offline.yaml"),
-]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer
+from helpers import quiet_trainer
 from lightning.pytorch import LightningModule
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 

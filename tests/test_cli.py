@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 import socket
 import subprocess
@@ -12,57 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEMOPT, PROJECT_ROOT, subprocess_env
+from helpers import (
+    DDP_TWO_CPUS,
+    NER,
+    PROJECT_ROOT,
+    RECIPES,
+    SST2,
+    digest_args,
+    memopt,
+    read_digests,
+    small_ner_args,
+    subprocess_env,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_memopt.cli import run_cli
-
-RECIPES = PROJECT_ROOT / "recipes"
-NER = ["--config", str(RECIPES / "ner/conll2003.yaml"), "--config", str(RECIPES / "ner/conll2003-offline.yaml")]
-SST2 = [
-    "--config",
-    str(RECIPES / "classification/sst2.yaml"),
-    "--config",
-    str(RECIPES / "classification/sst2-offline.yaml"),
-]
-
-
-DDP_TWO_CPUS = ["--config", str(RECIPES / "strategies/ddp.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu"]
-
-
-def digest_args(out_dir: Path) -> list[str]:
-    """Flags adding the test-only ParameterDigest callback; put them last, after other callback flags."""
-    return ["--trainer.callbacks+=param_digest.ParameterDigest", f"--trainer.callbacks.out_dir={out_dir}"]
-
-
-def read_digests(out_dir: Path) -> list[dict]:
-    """The records ParameterDigest wrote, one per rank, in rank order."""
-    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
-
-
-def small_ner_args(tiny_bert_dir: Path, conll_small: dict[str, Path], steps: int) -> list[str]:
-    return [
-        *NER,
-        f"--model.model_name_or_path={tiny_bert_dir}",
-        "--model.learning_rate=0.001",
-        f"--data.train_file={conll_small['train']}",
-        f"--data.val_file={conll_small['val']}",
-        "--data.batch_size=8",
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={steps}",
-        "--trainer.check_val_every_n_epoch=null",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--last_checkpoint.every_n_train_steps=3",
-    ]
-
-
-def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS
+from helpers import CONLL_LABELS
 
 from lightning_memopt.tasks import data as data_module
 from lightning_memopt.tasks.data import SequenceClassificationDataModule, TokenClassificationDataModule

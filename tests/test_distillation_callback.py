@@ -3,34 +3,33 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONLL_LABELS, Interrupt, fit_tiny_ner, load_example, quiet_trainer
+from helpers import (
+    CONLL_LABELS,
+    Interrupt,
+    fake_trainer,
+    fit_tiny_ner,
+    load_example,
+    quiet_trainer,
+    save_tiny_bert,
+    tiny_bert_config,
+)
 from lightning.pytorch import Callback
-from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
+from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
 from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule, TokenClassificationModule
 from lightning_memopt.distillation import student_from_teacher
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def make_teacher(tiny_bert_dir: Path, folder: Path, labels: list[str] = CONLL_LABELS, **config: Any) -> Path:
     """A random tiny BertForTokenClassification with the student's tokenizer, saved to ``folder``."""
-    torch.manual_seed(1)
-    options = {"vocab_size": 30522, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2}
-    options.update(intermediate_size=96, id2label=dict(enumerate(labels)), **config)
-    BertForTokenClassification(BertConfig(**options)).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (tiny_bert_dir / name).exists():
-            shutil.copy(tiny_bert_dir / name, folder / name)
-    return folder
+    options = {"hidden_size": 48, "intermediate_size": 96, "id2label": dict(enumerate(labels)), **config}
+    return save_tiny_bert(folder, BertForTokenClassification, seed=1, **options)
 
 
 class Recorder(Callback):
@@ -111,9 +110,7 @@ def test_works_with_the_plain_example_project_and_tuple_batches(
     from transformers import BertForSequenceClassification
 
     sentiment = load_example()
-    teacher = BertForSequenceClassification(
-        BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    )
+    teacher = BertForSequenceClassification(tiny_bert_config(num_hidden_layers=1))
     model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
     data = sentiment.SST2Tuples(train_file=str(shared_data / "sst2/train.tsv.gz"), max_train_rows=64, batch_size=16)
     kd = KnowledgeDistillation(
@@ -163,7 +160,7 @@ def test_bad_input_fails_before_training(tiny_bert_dir: Path, conll_small: dict[
 
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy: .*ModelParallelStrategy"):
-        KnowledgeDistillation(torch.nn.Linear(2, 2)).setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
+        KnowledgeDistillation(torch.nn.Linear(2, 2)).setup(fake_trainer(FSDPStrategy()), module, "fit")
 
 
 def test_student_from_teacher_keeps_chosen_layers_and_refuses_bad_ones(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -186,8 +183,7 @@ def test_recipe_flow_teacher_student_then_ddp_distillation(
 ) -> None:
     """The three commands of recipes/distillation/ner.yaml, the last one on 2 DDP processes."""
 
-    from conftest import PROJECT_ROOT
-    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
+    from helpers import DDP_TWO_CPUS, PROJECT_ROOT, digest_args, memopt, read_digests, small_ner_args
 
     # 4 steps: last.ckpt is written after the final validation, so it records the teacher's best val_f1.
     memopt(["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=4)], cwd=tmp_path)
@@ -265,14 +261,14 @@ def test_layer_maps_are_checked_against_both_models(tiny_bert_dir: Path, tmp_pat
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
     kd = KnowledgeDistillation(str(teacher_dir), hidden_layers={3: 1}, hidden_weight=1.0)
     with pytest.raises(ValueError, match=r"hidden_layers maps 3 -> 1, but the student has indices 0..2"):
-        kd.setup(SimpleNamespace(strategy=None, datamodule=None), module, "fit")
+        kd.setup(fake_trainer(None, datamodule=None), module, "fit")
 
 
 def test_projections_stay_identical_across_ddp_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
 
-    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
+    from helpers import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
 
     teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")  # width 48: a projection is learned
     args = [

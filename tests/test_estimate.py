@@ -7,7 +7,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import BertConfig, BertForTokenClassification
+from helpers import RECIPES, tiny_bert_config
+from transformers import BertForTokenClassification
 
 from lightning_memopt.cli import main
 from lightning_memopt.estimate.report import parse_size
@@ -19,8 +20,7 @@ from lightning_memopt.estimate.strategies import (
     zero_bucket_bytes,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-CONFIG = BertConfig(
+CONFIG = tiny_bert_config(
     vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, num_labels=5
 )
 

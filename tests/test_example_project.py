@@ -12,7 +12,7 @@ from typing import Any
 import lightning
 import pytest
 import torch
-from conftest import EXAMPLE, SHARED_DATA, load_example, quiet_trainer
+from helpers import EXAMPLE, SHARED_DATA, load_example, quiet_trainer
 
 DATA = SHARED_DATA
 TRAIN_FILE = DATA / "sst2" / "train.tsv.gz"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS, fit_tiny_ner
+from helpers import CONLL_LABELS, fit_tiny_ner
 from test_distillation_callback import make_teacher
 from transformers import AutoModelForTokenClassification
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, subprocess_env
+from helpers import PROJECT_ROOT, subprocess_env
 
 SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_fit.py"
 

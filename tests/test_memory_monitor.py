@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import quiet_trainer
+from helpers import quiet_trainer
 from lightning.pytorch import LightningModule
 from torch import nn
 

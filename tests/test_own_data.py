@@ -7,11 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from helpers import RECIPES
 
 from lightning_memopt.cli import main
-
-RECIPES = PROJECT_ROOT / "recipes"
 
 
 def own_conll(folder: Path) -> dict[str, str]:

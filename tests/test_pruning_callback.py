@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS, PROJECT_ROOT, Interrupt, fit_tiny_ner, load_example, quiet_trainer
+from helpers import (
+    CONLL_LABELS,
+    PROJECT_ROOT,
+    Interrupt,
+    fake_trainer,
+    fit_tiny_ner,
+    load_example,
+    quiet_trainer,
+)
 
 from lightning_memopt import PruningScheduler, TokenClassificationModule
 
@@ -129,11 +137,10 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(modules=["decoder"]))
     with pytest.raises(ValueError, match=r"selects none of the heads.*output projections such as"):
         fit(tiny_bert_dir, conll_small, tmp_path, PruningScheduler(structure="heads", modules=["decoder"]))
-    from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy())  # Lightning refuses FSDPStrategy on CPU before our setup
+    trainer = fake_trainer(FSDPStrategy())  # Lightning refuses FSDPStrategy on CPU before our setup
     module = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS)
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*--trainer.strategy ddp, or ModelParallel"):
         PruningScheduler().setup(trainer, module, "fit")
@@ -172,7 +179,7 @@ def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
 
-    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
+    from helpers import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
 
     args = [
         "fit",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Interrupt, fit_tiny_ner, load_example, quiet_trainer
+from helpers import Interrupt, fit_tiny_ner, load_example, quiet_trainer
 from lightning.pytorch import Callback
 
 from lightning_memopt import (
@@ -172,8 +172,7 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
 def test_recipe_overlay_on_ddp_then_int8_export(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    from conftest import PROJECT_ROOT
-    from test_cli import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
+    from helpers import DDP_TWO_CPUS, PROJECT_ROOT, digest_args, memopt, read_digests, small_ner_args
 
     args = [
         "fit",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Interrupt, fit_tiny_ner
+from helpers import Interrupt, fit_tiny_ner
 from lightning.pytorch import Callback
 
 from lightning_memopt.tasks.resumable import ResumableShuffleSampler

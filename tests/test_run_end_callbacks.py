@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONLL_LABELS, quiet_trainer
+from helpers import CONLL_LABELS, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_memopt import MetricsSummary, TokenClassificationDataModule, TokenClassificationModule, ValidateFinalStep

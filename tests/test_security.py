@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CONLL_LABELS
+from helpers import CONLL_LABELS
 
 from lightning_memopt import UnsafeCheckpointError, load_task_checkpoint, read_checkpoint, verify_checkpoint
 from lightning_memopt.cli import main
@@ -167,7 +167,7 @@ def test_the_strategy_presets_verify_before_resuming(
 def test_memopt_fit_refuses_a_crafted_ckpt_path_whatever_the_strategy(
     tiny_bert_dir: Path, conll_small: dict[str, Path], crafted_folder: Path, marker: Path, tmp_path: Path
 ) -> None:
-    from test_cli import small_ner_args
+    from helpers import small_ner_args
 
     from lightning_memopt.cli import run_cli
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MEMOPT, subprocess_env
+from helpers import MEMOPT, RECIPES, fake_trainer, memopt, small_ner_args, subprocess_env
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from test_cli import RECIPES, memopt, small_ner_args
 from transformers import AutoModelForTokenClassification
 
 from lightning_memopt import FSDP1Strategy, FSDP2Strategy, ZeROStrategy
@@ -120,11 +118,11 @@ def test_offload_on_cpu_is_refused_before_training(
 
 @pytest.mark.parametrize("strategy", [FSDP1Strategy, FSDP2Strategy])
 def test_eight_bit_optimizers_are_refused_under_fsdp(strategy: type) -> None:
-    trainer = SimpleNamespace(strategy=strategy())
+    trainer = fake_trainer(strategy())
     with pytest.raises(ValueError, match=f"adamw8bit cannot run under {strategy.__name__}.*ZeROStrategy"):
         check_optimizer_strategy("adamw8bit", trainer)
     check_optimizer_strategy("adamw", trainer)
-    check_optimizer_strategy("paged_adamw8bit", SimpleNamespace(strategy=ZeROStrategy(stage=3)))
+    check_optimizer_strategy("paged_adamw8bit", fake_trainer(ZeROStrategy(stage=3)))
 
 
 def test_zero_offload_takes_any_optimizer_and_refuses_8bit_ones() -> None:
@@ -132,13 +130,13 @@ def test_zero_offload_takes_any_optimizer_and_refuses_8bit_ones() -> None:
     assert offloaded.config["zero_force_ds_cpu_optimizer"] is False  # DeepSpeed refuses torch's AdamW otherwise
     assert offloaded.config["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "zero_force_ds_cpu_optimizer" not in ZeROStrategy(stage=3).config
-    assert offloads_optimizer(SimpleNamespace(strategy=offloaded))
-    assert not offloads_optimizer(SimpleNamespace(strategy=ZeROStrategy(stage=2)))
-    assert offloads_optimizer(SimpleNamespace(strategy=DeepSpeedStrategy(stage=2, offload_optimizer=True)))
-    assert not offloads_optimizer(SimpleNamespace(strategy=DDPStrategy()))
+    assert offloads_optimizer(fake_trainer(offloaded))
+    assert not offloads_optimizer(fake_trainer(ZeROStrategy(stage=2)))
+    assert offloads_optimizer(fake_trainer(DeepSpeedStrategy(stage=2, offload_optimizer=True)))
+    assert not offloads_optimizer(fake_trainer(DDPStrategy()))
     with pytest.raises(ValueError, match=r"adamw8bit cannot run with ZeROStrategy\(offload=True\).*optimizer adamw"):
-        check_optimizer_strategy("adamw8bit", SimpleNamespace(strategy=offloaded))
-    check_optimizer_strategy("adamw", SimpleNamespace(strategy=offloaded))
+        check_optimizer_strategy("adamw8bit", fake_trainer(offloaded))
+    check_optimizer_strategy("adamw", fake_trainer(offloaded))
 
 
 def test_a_model_without_transformer_blocks_gets_a_clear_error() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_tiny_ner
-from transformers import AutoModelForTokenClassification, BertConfig, BertModel
+from helpers import fit_tiny_ner, tiny_bert_config
+from transformers import AutoModelForTokenClassification, BertModel
 
 from lightning_memopt import PruningScheduler
 from lightning_memopt.cli import main as memopt_main
@@ -23,7 +23,7 @@ def batch() -> dict[str, torch.Tensor]:
 
 def test_mask_gradient_equals_autograd_gradient_of_a_unit_gate() -> None:
     torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=16))
+    model = BertModel(tiny_bert_config(num_hidden_layers=1, num_attention_heads=4, intermediate_size=16))
     layer = model.encoder.layer[0]
     head_gate = torch.ones(4, requires_grad=True)
     neuron_gate = torch.ones(16, requires_grad=True)
@@ -98,7 +98,7 @@ def test_magnitude_keeps_the_units_with_the_largest_weights(
 
 
 def test_shrinking_needs_the_same_neuron_count_everywhere() -> None:
-    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    model = BertModel(tiny_bert_config())
     with torch.no_grad():
         layer = model.encoder.layer[0]
         layer.intermediate.dense.weight[:8] = 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONLL_LABELS, quiet_trainer
+from helpers import CONLL_LABELS, quiet_trainer
 from lightning.pytorch import Trainer
 
 from lightning_memopt import (
