@@ -30,7 +30,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 DEBUG_FLAG, QUIET_FLAG, VERBOSE_FLAG = "--debug", "--quiet", "--verbose"
 DEBUG_ENV = "MEMOPT_DEBUG"
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ArgumentError, MisconfigurationException)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    ModuleNotFoundError,  # an extra to install
+    ArgumentError,
+    MisconfigurationException,
+)
 EXIT_USER_ERROR = 2
 PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 

@@ -42,6 +42,14 @@ def export_command(argv: Sequence[str]) -> None:
         "quantization of the encoder's Linear layers for a run without QAT.",
     )
     parser.add_argument(
+        "--format",
+        default="transformers",
+        choices=["transformers", "onnx"],
+        help="transformers: a folder from_pretrained loads; onnx: model.onnx (opset 18, dynamic axes) with the "
+        "tokenizer and label map beside it, checked against the torch model (needs the deploy extra). With --int8, "
+        "ONNX Runtime's own dynamic int8.",
+    )
+    parser.add_argument(
         "--model_source",
         default=None,
         help="For a checkpoint that does not name its model (no model_name_or_path hyper-parameter): the hub name "
@@ -62,6 +70,7 @@ def export_command(argv: Sequence[str]) -> None:
         overwrite=args.overwrite,
         model_source=args.model_source,
         prefix=args.model_prefix,
+        format=args.format,
     )
     print(f"Exported to {result.folder}:")
     for line in result.lines:

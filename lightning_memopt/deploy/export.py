@@ -54,8 +54,20 @@ def checkpoint_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_flags(int8: bool, sparse: bool, shrink: bool) -> None:
+FORMATS = ("transformers", "onnx")
+
+
+def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transformers") -> None:
     """Refuse export options that cannot be honoured together."""
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r} is not one of {', '.join(FORMATS)}.")
+    if format == "onnx":
+        if sparse:
+            raise ValueError(
+                "--sparse writes a packed safetensors copy beside a transformers folder; an ONNX graph holds dense "
+                "weights. Drop --sparse, or export with --format transformers."
+            )
+        return
     if int8 and (sparse or shrink):
         given = " and ".join(flag for flag, on in (("--sparse", sparse), ("--shrink", shrink)) if on)
         raise ValueError(
@@ -84,6 +96,7 @@ def export_checkpoint(
     overwrite: bool = False,
     model_source: str | None = None,
     prefix: str | None = None,
+    format: str = "transformers",
 ) -> ExportResult:
     """Write the model in ``ckpt_path`` (any LightningModule's checkpoint) to ``output_dir``.
 
@@ -94,15 +107,20 @@ def export_checkpoint(
         overwrite: replace an existing ``output_dir`` whole.
         model_source, prefix: for checkpoints that do not say which ``transformers`` model they hold
             (see :func:`~lightning_memopt.core.models.model_from_checkpoint`).
+        format: ``"transformers"`` (a folder ``from_pretrained`` loads) or ``"onnx"`` (``model.onnx``, checked
+            against the torch model; with ``int8``, ONNX Runtime's dynamic int8).
     """
     ckpt_path = Path(ckpt_path)
-    check_flags(int8, sparse, shrink)
+    check_flags(int8, sparse, shrink, format)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
     model, tokenizer_source, model_prefix = model_of(ckpt_path, model_source, prefix)
     lines: list[str] = []
     with atomic_folder(output_dir, overwrite) as folder:
-        if int8:
+        extra: dict[str, Any] = {}
+        if format == "onnx":
+            extra["parity"] = _write_onnx_folder(model, tokenizer_source, folder, int8, shrink, lines)
+        elif int8:
             state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
             names = convert_with_qat_state(model, state, prefix=model_prefix)
             if state is None:
@@ -134,7 +152,7 @@ def export_checkpoint(
                     "(lightning_memopt.pruning.load_sparse)."
                 )
         manifest = {
-            "format": "int8" if int8 else "transformers",
+            "format": ("onnx-int8" if int8 else "onnx") if format == "onnx" else "int8" if int8 else "transformers",
             "sparse": sparse,
             "shrink": shrink,
             "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)},
@@ -142,9 +160,39 @@ def export_checkpoint(
             "command": sys.argv,
             "lightning_memopt": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extra,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return ExportResult(Path(output_dir), manifest, lines)
+
+
+def _write_onnx_folder(model: nn.Module, source: str, folder: Path, int8: bool, shrink: bool, lines: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    from lightning_memopt.deploy.onnx import write_onnx
+
+    if shrink:
+        shrunk = shrink_pruned(model, heads=True)
+        lines.append(f"Shrunk: parameters {shrunk.params_before:,} -> {shrunk.params_after:,}.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--format onnx needs the model's tokenizer (for the parity check and beside the model): {error}"
+        ) from None
+    parity = write_onnx(model, tokenizer, folder, int8=int8)
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"
+    lines.append(
+        f"ONNX {kind}, opset 18, dynamic batch and sequence: parity on {parity.positions} positions of real "
+        f"sentences: max |logit difference| {parity.max_abs_diff:.2e}, argmax agreement {parity.argmax_agreement:.1%}."
+    )
+    return {
+        "max_abs_diff": parity.max_abs_diff,
+        "argmax_agreement": parity.argmax_agreement,
+        "positions": parity.positions,
+    }
 
 
 def _save_tokenizer(source: str, folder: Path, lines: list[str]) -> None:

@@ -1,0 +1,178 @@
+"""ONNX export of a ``transformers`` encoder, checked against the torch model before it is kept.
+
+``torch.onnx.export(dynamo=True)`` at opset 18 writes ``model.onnx`` with dynamic batch and sequence axes
+(Optimum's exporter pins an older ``transformers``). Every export ends with a parity check on a fixed
+batch of real English sentences, run by ONNX Runtime: float32 logits within ``1e-4`` (max abs) of the
+torch model, and for int8 exports (ONNX Runtime's own dynamic quantization, per-channel weights) the
+same argmax for at least 99.5 % of the positions. A failed check fails the export; nothing is written.
+
+Needs the ``deploy`` extra: ``pip install 'lightning-memopt[deploy]'`` (onnx, onnxscript, onnxruntime).
+
+Example:
+    >>> write_onnx(model, tokenizer, "exported/ner-onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_FILE = "model.onnx"
+OPSET = 18
+FP32_TOLERANCE = 1e-4
+INT8_AGREEMENT = 0.995
+EXTRA = "deploy"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# A fixed batch of real sentences of different lengths (newswire, reviews, questions) for the parity check.
+PARITY_SENTENCES = (
+    "EU rejects German call to boycott British lamb .",
+    "Peter Blackburn reported from Brussels on Thursday .",
+    "the film is a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "What is the capital city of Peru ?",
+    "Japan began the defence of their Asian Cup title with a lucky 2-1 win against Syria .",
+    "it 's a cookie-cutter movie , a cut-and-paste job .",
+    "Nadim Ladki",
+)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely the exported model follows the torch model on the parity batch."""
+
+    max_abs_diff: float
+    argmax_agreement: float
+    positions: int
+
+
+def require_deploy_extra(*modules: str) -> None:
+    """Import the runtimes a format needs, or say which extra installs them."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"This export format needs {', '.join(missing)}: pip install 'lightning-memopt[{EXTRA}]'."
+        )
+
+
+def model_input_names(model: nn.Module) -> list[str]:
+    """The encoder inputs the model's ``forward`` takes, among ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+    accepted = inspect.signature(model.forward).parameters
+    names = [name for name in INPUTS if name in accepted]
+    if getattr(getattr(model, "config", None), "type_vocab_size", 0) in (0, 1) and "token_type_ids" in names:
+        names.remove("token_type_ids")  # RoBERTa-style models have one segment: nothing to feed
+    return names
+
+
+class LogitsOnly(nn.Module):
+    """The model with positional inputs and the logits as its one output: what the ONNX graph computes."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs, strict=True))).logits
+
+
+def parity_batch(tokenizer: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """The parity sentences, tokenized and padded, as the model's named inputs."""
+    encoded = tokenizer(list(PARITY_SENTENCES), padding=True, return_tensors="pt")
+    zeros = torch.zeros_like(encoded["input_ids"])
+    return {name: encoded.get(name, zeros) for name in names}
+
+
+def export_graph(model: nn.Module, names: list[str], example: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the ONNX graph of ``model`` with dynamic batch and sequence axes."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    sequence = torch.export.Dim("sequence", min=2, max=8192)
+    program = torch.onnx.export(
+        LogitsOnly(model, names).eval(),
+        tuple(example[name] for name in names),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=names,
+        output_names=["logits"],
+        dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),),  # one entry: the *inputs tuple
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def run_onnx(path: Path, batch: dict[str, torch.Tensor], threads: int | None = None) -> np.ndarray:
+    """The logits ONNX Runtime computes for ``batch``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {inp.name: batch[inp.name].numpy() for inp in session.get_inputs()}
+    return session.run(["logits"], feed)[0]
+
+
+def measure_parity(reference: np.ndarray, exported: np.ndarray, mask: np.ndarray) -> Parity:
+    """Max abs logit difference and argmax agreement over the unpadded positions (or rows).
+
+    >>> logits = np.array([[[1.0, 0.0], [0.0, 1.0]]])
+    >>> measure_parity(logits, logits + 1e-6, np.array([[1, 1]]))
+    Parity(max_abs_diff=1e-06, argmax_agreement=1.0, positions=2)
+    """
+    if reference.ndim == 3:  # token classification: compare real tokens only
+        keep = mask.astype(bool)
+        reference, exported = reference[keep], exported[keep]
+    difference = float(np.abs(reference - exported).max())
+    agreement = float((reference.argmax(-1) == exported.argmax(-1)).mean())
+    return Parity(round(difference, 9), agreement, int(reference.shape[0]))
+
+
+def check_parity(parity: Parity, int8: bool) -> None:
+    if int8 and parity.argmax_agreement < INT8_AGREEMENT:
+        raise ValueError(
+            f"The int8 ONNX model picks the torch model's label for only {parity.argmax_agreement:.1%} of "
+            f"{parity.positions} parity positions (needs {INT8_AGREEMENT:.1%}); the export was not written. Quantize "
+            "fewer layers, or train with QuantizationAwareTraining."
+        )
+    if not int8 and parity.max_abs_diff > FP32_TOLERANCE:
+        raise ValueError(
+            f"The ONNX model's logits differ from torch's by up to {parity.max_abs_diff:.2e} (limit "
+            f"{FP32_TOLERANCE:.0e}) on the parity batch; the export was not written. Please report this model."
+        )
+
+
+def quantize_dynamic_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's own post-training dynamic int8: per-channel int8 weights of MatMul, activations at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source), str(target), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+    )
+
+
+def write_onnx(model: nn.Module, tokenizer: Any, folder: Path, int8: bool = False) -> Parity:
+    """``folder/model.onnx`` (float32, or ONNX Runtime dynamic int8), after the parity check passes."""
+    require_deploy_extra("onnx", "onnxscript", "onnxruntime")
+    model = model.eval().float()
+    names = model_input_names(model)
+    batch = parity_batch(tokenizer, names)
+    with torch.no_grad():
+        reference = model(**batch).logits.numpy()
+    target = folder / ONNX_FILE
+    if int8:
+        float_path = folder / "model.fp32.onnx"
+        export_graph(model, names, batch, float_path)
+        quantize_dynamic_int8(float_path, target)
+        float_path.unlink()
+        for leftover in folder.glob("model.fp32.onnx*"):
+            leftover.unlink()
+    else:
+        export_graph(model, names, batch, target)
+    parity = measure_parity(reference, run_onnx(target, batch), batch["attention_mask"].numpy())
+    check_parity(parity, int8)
+    return parity
