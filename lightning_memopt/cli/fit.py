@@ -9,7 +9,6 @@ every Trainer it builds, and ``--ckpt_path`` is checked to hold nothing but data
 
 from __future__ import annotations
 
-import atexit
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_memopt.callbacks import FinalLastCheckpoint, MetricsSummary, ValidateFinalStep
 from lightning_memopt.core.checkpoints import read_checkpoint, verify_checkpoint
 from lightning_memopt.core.compat import last_checkpoints
-from lightning_memopt.core.run_lock import RunLock
+from lightning_memopt.core.run_lock import RunLock, release_all
 from lightning_memopt.core.sources import resolve_pretrained
 from lightning_memopt.tasks.data import AUTO_LABELS, SequenceClassificationDataModule, TokenClassificationDataModule
 from lightning_memopt.tasks.modules import TASK_CLASSES, TASK_KEY
@@ -210,7 +209,6 @@ class MemoptCLI(LightningCLI):
             for folder in sorted(folders or {Path(self.trainer.default_root_dir)}):
                 lock = RunLock(folder)
                 lock.acquire()
-                atexit.register(lock.release)
                 self.locks.append(lock)
 
     def after_fit(self) -> None:
@@ -255,13 +253,16 @@ def run_cli(args: list[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:
 
     Extra keyword arguments go to :class:`LightningCLI` (e.g. ``trainer_defaults={"callbacks": [...]}``).
     """
-    return MemoptCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
-        args=args,
-        **cli_kwargs,
-    )
+    try:
+        return MemoptCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
+            args=args,
+            **cli_kwargs,
+        )
+    finally:
+        release_all()  # the run folder locks of this command, however it ended

@@ -9,7 +9,7 @@ Example:
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
     >>> with RunLock(folder):
-    ...     RunLock(folder).acquire()
+    ...     RunLock(folder).acquire()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     lightning_memopt.core.run_lock.RunFolderBusy: ...
@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 LOCK_FILE = ".memopt.lock"
+_HELD: list[RunLock] = []  # this process's locks, released together when a command ends however it ends
 
 
 class RunFolderBusy(FileExistsError):
@@ -56,12 +57,12 @@ class RunLock:
                 with open(self.path, "x", encoding="utf-8") as stream:
                     stream.write(record)
                 self.held = True
+                _HELD.append(self)
                 return
             except FileExistsError:
                 holder = self._holder()
-                pid = int(holder.get("pid", -1))
-                if holder.get("host") == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
-                    self.path.unlink(missing_ok=True)  # its run was killed, or was this process's own: take it over
+                if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # its run was killed: take the folder over
                     continue
                 raise RunFolderBusy(
                     f"{self.path.parent} is in use by another run (PID {holder.get('pid', '?')} on "
@@ -80,6 +81,8 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        if self in _HELD:
+            _HELD.remove(self)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -89,3 +92,9 @@ class RunLock:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.release()
+
+
+def release_all() -> None:
+    """Release every lock this process holds (the end of a command, successful or not)."""
+    for lock in list(_HELD):
+        lock.release()
