@@ -50,6 +50,12 @@ def export_command(argv: Sequence[str]) -> None:
         "ONNX Runtime's own dynamic int8.",
     )
     parser.add_argument(
+        "--min_agreement",
+        type=float,
+        default=0.995,
+        help="--format onnx --int8: the share of parity positions where the int8 model must pick torch's label.",
+    )
+    parser.add_argument(
         "--model_source",
         default=None,
         help="For a checkpoint that does not name its model (no model_name_or_path hyper-parameter): the hub name "
@@ -71,6 +77,7 @@ def export_command(argv: Sequence[str]) -> None:
         model_source=args.model_source,
         prefix=args.model_prefix,
         format=args.format,
+        min_agreement=args.min_agreement,
     )
     print(f"Exported to {result.folder}:")
     for line in result.lines:

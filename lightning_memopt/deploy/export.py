@@ -97,6 +97,7 @@ def export_checkpoint(
     model_source: str | None = None,
     prefix: str | None = None,
     format: str = "transformers",
+    min_agreement: float = 0.995,
 ) -> ExportResult:
     """Write the model in ``ckpt_path`` (any LightningModule's checkpoint) to ``output_dir``.
 
@@ -109,6 +110,7 @@ def export_checkpoint(
             (see :func:`~lightning_memopt.core.models.model_from_checkpoint`).
         format: ``"transformers"`` (a folder ``from_pretrained`` loads) or ``"onnx"`` (``model.onnx``, checked
             against the torch model; with ``int8``, ONNX Runtime's dynamic int8).
+        min_agreement: the share of parity positions where an int8 ONNX model must pick torch's label.
     """
     ckpt_path = Path(ckpt_path)
     check_flags(int8, sparse, shrink, format)
@@ -119,7 +121,7 @@ def export_checkpoint(
     with atomic_folder(output_dir, overwrite) as folder:
         extra: dict[str, Any] = {}
         if format == "onnx":
-            extra["parity"] = _write_onnx_folder(model, tokenizer_source, folder, int8, shrink, lines)
+            extra["parity"] = _write_onnx_folder(model, tokenizer_source, folder, int8, shrink, lines, min_agreement)
         elif int8:
             state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
             names = convert_with_qat_state(model, state, prefix=model_prefix)
@@ -166,7 +168,9 @@ def export_checkpoint(
     return ExportResult(Path(output_dir), manifest, lines)
 
 
-def _write_onnx_folder(model: nn.Module, source: str, folder: Path, int8: bool, shrink: bool, lines: list[str]) -> dict:
+def _write_onnx_folder(
+    model: nn.Module, source: str, folder: Path, int8: bool, shrink: bool, lines: list[str], min_agreement: float
+) -> dict:
     from transformers import AutoTokenizer
 
     from lightning_memopt.deploy.onnx import write_onnx
@@ -180,7 +184,7 @@ def _write_onnx_folder(model: nn.Module, source: str, folder: Path, int8: bool, 
         raise ValueError(
             f"--format onnx needs the model's tokenizer (for the parity check and beside the model): {error}"
         ) from None
-    parity = write_onnx(model, tokenizer, folder, int8=int8)
+    parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"
