@@ -2,6 +2,7 @@
 
 from lightning_memopt.callbacks import FinalLastCheckpoint, MetricsSummary, ValidateFinalStep
 from lightning_memopt.core import AtomicCheckpointIO, UnsafeCheckpointError, read_checkpoint, verify_checkpoint
+from lightning_memopt.deploy import export_checkpoint, load_pretrained
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
@@ -35,6 +36,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "ValidateFinalStep",
     "ZeROStrategy",
+    "export_checkpoint",
+    "load_pretrained",
     "load_task_checkpoint",
     "read_checkpoint",
     "verify_checkpoint",

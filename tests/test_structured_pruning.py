@@ -9,7 +9,7 @@ import torch
 from helpers import fit_tiny_ner, tiny_bert_config
 from transformers import AutoModelForTokenClassification, BertModel
 
-from lightning_memopt import PruningScheduler
+from lightning_memopt import PruningScheduler, load_pretrained
 from lightning_memopt.cli import main as memopt_main
 from lightning_memopt.pruning import find_unit_groups, shrink_pruned
 from lightning_memopt.pruning.structured import zero_units
@@ -69,6 +69,7 @@ def test_prunes_whole_units_to_the_target_and_exports_a_smaller_model(
     reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "saved").eval()
     report = shrink_pruned(reloaded, heads=True)  # heads are cut after loading
     assert set(report.heads_kept.values()) == {1}
+    removed_bytes += 4 * (report.params_before - report.params_after)
     assert reloaded.bert.encoder.layer[0].attention.self.query.out_features == 16
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch()).logits, expected, atol=1e-5)
@@ -76,8 +77,9 @@ def test_prunes_whole_units_to_the_target_and_exports_a_smaller_model(
     # The same through the command line, from the run's checkpoint.
     for folder, extra in (("dense", []), ("shrunk", ["--shrink=true"])):
         memopt_main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / folder}", *extra])
-    exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "shrunk")
+    exported = load_pretrained(tmp_path / "shrunk")  # neurons and heads cut, shapes from config.json
     assert exported.config.intermediate_size == width // 2
+    assert exported.bert.encoder.layer[0].attention.self.query.out_features == 16  # (last.ckpt is step 15 of 16)
     saved = (tmp_path / "dense/model.safetensors").stat().st_size - (
         tmp_path / "shrunk/model.safetensors"
     ).stat().st_size

@@ -29,9 +29,9 @@ def export_command(argv: Sequence[str]) -> None:
         "--shrink",
         type=bool,
         default=False,
-        help="Cut structurally pruned feed-forward neurons out of the model (smaller, faster, loads with plain "
-        "transformers); pruned attention heads stay as zeros (remove them after loading with "
-        "lightning_memopt.pruning.shrink_pruned(model, heads=True)).",
+        help="Cut structurally pruned feed-forward neurons and attention heads out of the model (smaller, faster). "
+        "The kept heads are recorded in config.json (memopt_shrunk): load the folder with "
+        "lightning_memopt.load_pretrained; with neurons cut only, plain transformers loads it too.",
     )
     parser.add_argument(
         "--int8",

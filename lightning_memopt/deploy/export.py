@@ -137,7 +137,7 @@ def export_checkpoint(
             )
         else:
             if shrink:
-                shrunk = shrink_pruned(model)
+                shrunk = shrink_pruned(model, heads=True)
                 lines.append(
                     f"Shrunk: {shrunk.neurons_kept} feed-forward neurons per block kept; parameters "
                     f"{shrunk.params_before:,} -> {shrunk.params_after:,} ({shrunk.params_after / shrunk.params_before:.1%})."

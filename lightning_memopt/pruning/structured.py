@@ -6,11 +6,13 @@ After structured pruning the pruned units' weights are exactly zero (see :mod:`.
 - **Feed-forward neurons** are removed when every block keeps the same number, and the config's
   ``intermediate_size`` (``hidden_dim`` for DistilBERT) is updated, so ``save_pretrained`` writes a
   folder that plain ``transformers`` loads.
-- **Attention heads** are removed in memory only (``heads=True``): transformers 5 dropped
-  ``prune_heads``/``config.pruned_heads`` and a BERT config cannot express fewer heads of the same
-  width, so an exported folder keeps pruned heads as zeros (still exact, and it loads anywhere).
-  Call ``shrink_pruned(model, heads=True)`` after ``from_pretrained`` to get the speed of the
-  smaller attention too.
+- **Attention heads** are removed with ``heads=True``. transformers 5 dropped ``prune_heads`` and
+  ``config.pruned_heads``, and a BERT config cannot express fewer heads in some layers, so the kept
+  count of every shrunk group is recorded in the config under ``memopt_shrunk``
+  (``{"heads": {group: kept}, "neurons": {group: kept}}``): :func:`apply_recorded_shrink` rebuilds
+  those shapes, and ``lightning_memopt.load_pretrained(folder)`` reloads such a folder from itself.
+  Plain ``from_pretrained`` refuses it (the attention weights do not fit the config), never loading
+  it silently with the full shape.
 
 The shrunk model computes exactly what the masked model computes.
 
@@ -34,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.pruning.units import UnitGroup, find_unit_groups, unit_index
+
+SHRUNK_KEY = "memopt_shrunk"  # config.json: {"heads": {group: kept}, "neurons": {group: kept}}
 
 
 @dataclass(frozen=True)
@@ -109,4 +113,23 @@ def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:
                 continue
             remove_units(model, group, keep)
             heads_kept[group.name] = int(keep.sum())
+    if config is not None and heads_kept:
+        recorded = dict(getattr(config, SHRUNK_KEY, None) or {})
+        recorded["heads"] = {**recorded.get("heads", {}), **heads_kept}
+        setattr(config, SHRUNK_KEY, recorded)
     return ShrinkReport(neurons_kept, heads_kept, before, sum(p.numel() for p in model.parameters()))
+
+
+def apply_recorded_shrink(model: nn.Module, recorded: dict) -> None:
+    """Give a freshly built full-size ``model`` the shapes a shrunk model recorded (weights are loaded next)."""
+    for kind, key in (("heads", "heads"), ("neurons", "neurons")):
+        counts = recorded.get(key, {})
+        groups = {group.name: group for group in find_unit_groups(model, kind)}
+        unknown = sorted(set(counts) - set(groups))
+        if unknown:
+            raise ValueError(f"config.json's {SHRUNK_KEY} names {kind} groups this model does not have: {unknown}.")
+        for name, kept in counts.items():
+            group = groups[name]
+            if not 0 < kept <= group.count:
+                raise ValueError(f"config.json's {SHRUNK_KEY} keeps {kept} of {group.count} {kind} in {name}.")
+            remove_units(model, group, torch.arange(group.count) < kept)
