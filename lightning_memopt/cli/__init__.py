@@ -8,6 +8,7 @@ Examples::
     memopt export --ckpt_path runs/ner-conll2003/checkpoints/last.ckpt --output_dir exported/ner
     memopt student --teacher runs/ner-conll2003/checkpoints/last.ckpt --layers [0,2,4] --output_dir students/ner-l3
     memopt estimate --config recipes/ner/conll2003.yaml --trainer.devices 2 --device_memory 16GiB
+    memopt predict --model exported/ner --input news.txt --output news.conll
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ from lightning_memopt.cli.fit import MemoptCLI, run_cli
 def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
     from lightning_memopt.cli.estimate import estimate_command
     from lightning_memopt.cli.export import export_command
+    from lightning_memopt.cli.predict import predict_command
     from lightning_memopt.cli.student import student_command
 
-    return {"export": export_command, "student": student_command, "estimate": estimate_command}
+    return {
+        "export": export_command,
+        "student": student_command,
+        "estimate": estimate_command,
+        "predict": predict_command,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -185,6 +185,7 @@ def _write_onnx_folder(
             f"--format onnx needs the model's tokenizer (for the parity check and beside the model): {error}"
         ) from None
     parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+    model.config.architectures = [type(model).__name__]  # what the folder holds, for memopt predict
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"

@@ -152,6 +152,23 @@ def read_conll(
     return sentences
 
 
+def read_conll_words(path: str | Path, column: int = 0, encoding: str = "utf-8") -> list[tuple[str, ...]]:
+    """The words of a CoNLL-style file (one column, tags or not), one tuple per sentence, for prediction."""
+    sentences: list[tuple[str, ...]] = []
+    words: list[str] = []
+    for line in text_lines(path, encoding):
+        fields = line.split()
+        if not fields or fields[0] == DOCSTART:
+            if words:
+                sentences.append(tuple(words))
+                words = []
+            continue
+        words.append(fields[column])
+    if words:
+        sentences.append(tuple(words))
+    return sentences
+
+
 def iob_to_iob2(tags: Sequence[str]) -> list[str]:
     """Rewrite IOB1 (``I-`` may open an entity) and IOBES tags as IOB2 (every entity opens with ``B-``).
 
