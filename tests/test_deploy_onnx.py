@@ -128,3 +128,32 @@ def test_a_missing_runtime_names_the_extra(
             ]
         )
     assert "an ONNX graph holds dense weights" in capsys.readouterr().err
+
+
+def test_openvino_float_and_int8_exports_predict_like_torch(
+    ner_checkpoint: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("openvino", reason="the deploy extra (openvino) is not installed")
+    pytest.importorskip("nncf", reason="the deploy extra (nncf) is not installed")
+    main(["export", f"--ckpt_path={ner_checkpoint}", f"--output_dir={tmp_path / 'torch'}"])
+    main(["export", f"--ckpt_path={ner_checkpoint}", f"--output_dir={tmp_path / 'ov'}", "--format=openvino"])
+    assert json.loads((tmp_path / "ov" / "manifest.json").read_text())["parity"]["max_abs_diff"] <= 1e-4
+    main(["export", f"--ckpt_path={ner_checkpoint}", f"--output_dir={tmp_path / 'ov8'}", "--format=openvino",
+          "--int8=true", "--min_agreement=0", f"--calibration_file={conll_small['train']}"])  # fmt: skip
+    manifest = json.loads((tmp_path / "ov8" / "manifest.json").read_text())
+    assert manifest["format"] == "openvino-int8"
+    assert (tmp_path / "ov8" / "openvino_model.bin").stat().st_size < (
+        tmp_path / "ov" / "openvino_model.bin"
+    ).stat().st_size
+    text = tmp_path / "text.txt"
+    text.write_text("EU rejects German call to boycott British lamb .\nPeter Blackburn\n")
+    for folder in ("torch", "ov"):
+        main(["predict", f"--model={tmp_path / folder}", f"--input={text}", f"--output={tmp_path / f'{folder}.conll'}"])
+    f32 = ["predict", f"--model={tmp_path / 'ov'}", f"--input={text}", f"--output={tmp_path / 'ov-f32.conll'}"]
+    main([*f32, "--runtime=openvino", "--precision=f32"])
+
+    def rows(name: str) -> list[list[str]]:
+        return [line.split("\t")[:2] for line in (tmp_path / name).read_text().splitlines() if line]
+
+    assert rows("torch.conll") == rows("ov-f32.conll")  # float32 on both sides: the same labels
+    assert [row[0] for row in rows("ov.conll")] == [row[0] for row in rows("torch.conll")]  # (bf16 labels may differ)

@@ -44,10 +44,16 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--format",
         default="transformers",
-        choices=["transformers", "onnx"],
-        help="transformers: a folder from_pretrained loads; onnx: model.onnx (opset 18, dynamic axes) with the "
-        "tokenizer and label map beside it, checked against the torch model (needs the deploy extra). With --int8, "
-        "ONNX Runtime's own dynamic int8.",
+        choices=["transformers", "onnx", "openvino"],
+        help="transformers: a folder from_pretrained loads; onnx: model.onnx (opset 18, dynamic axes); openvino: "
+        "OpenVINO IR; each with the tokenizer and label map beside it and checked against the torch model (needs the "
+        "deploy extra). With --int8: ONNX Runtime's dynamic int8, or NNCF's post-training int8 for OpenVINO.",
+    )
+    parser.add_argument(
+        "--calibration_file",
+        default=None,
+        help="--format openvino --int8: sentences NNCF calibrates on (CoNLL, a table or plain text, as memopt "
+        "predict reads them); your training data is best.",
     )
     parser.add_argument(
         "--min_agreement",
@@ -67,6 +73,11 @@ def export_command(argv: Sequence[str]) -> None:
         help="The model's attribute in the LightningModule, e.g. 'model.' (found if not given).",
     )
     args = parser.parse_args(list(argv))
+    calibration = None
+    if args.calibration_file:
+        from lightning_memopt.deploy.predict import read_texts
+
+        calibration = read_texts(args.calibration_file)
     result = export_checkpoint(
         args.ckpt_path,
         args.output_dir,
@@ -78,6 +89,7 @@ def export_command(argv: Sequence[str]) -> None:
         prefix=args.model_prefix,
         format=args.format,
         min_agreement=args.min_agreement,
+        calibration=calibration,
     )
     print(f"Exported to {result.folder}:")
     for line in result.lines:

@@ -24,8 +24,8 @@ def predict_command(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--runtime",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],
-        help="auto: ONNX Runtime for model.onnx, else torch.",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="auto: OpenVINO for openvino_model.xml, ONNX Runtime for model.onnx, else torch.",
     )
     parser.add_argument("--column", default="sentence", help="The text column of a table input.")
     parser.add_argument(
@@ -35,11 +35,25 @@ def predict_command(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of ONNX Runtime (default: its own choice)."
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "f32"],
+        help="OpenVINO: auto lets its CPU plugin choose (bf16 where the CPU has it); f32 keeps float32.",
+    )
     args = parser.parse_args(list(argv))
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
     predictions, task = predict_file(
-        args.model, args.input, args.output, args.runtime, args.column, args.input_format, args.batch_size, args.threads
+        args.model,
+        args.input,
+        args.output,
+        args.runtime,
+        args.column,
+        args.input_format,
+        args.batch_size,
+        args.threads,
+        args.precision,
     )
     if args.output:
         what = "sentences" if task == "ner" else "texts"

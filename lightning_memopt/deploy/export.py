@@ -54,18 +54,19 @@ def checkpoint_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-FORMATS = ("transformers", "onnx")
+FORMATS = ("transformers", "onnx", "openvino")
+NAMES = {"onnx": "ONNX", "openvino": "OpenVINO"}
 
 
 def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transformers") -> None:
     """Refuse export options that cannot be honoured together."""
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not one of {', '.join(FORMATS)}.")
-    if format == "onnx":
+    if format in ("onnx", "openvino"):
         if sparse:
             raise ValueError(
-                "--sparse writes a packed safetensors copy beside a transformers folder; an ONNX graph holds dense "
-                "weights. Drop --sparse, or export with --format transformers."
+                f"--sparse writes a packed safetensors copy beside a transformers folder; an {NAMES[format]} graph holds "
+                "dense weights. Drop --sparse, or export with --format transformers."
             )
         return
     if int8 and (sparse or shrink):
@@ -98,6 +99,7 @@ def export_checkpoint(
     prefix: str | None = None,
     format: str = "transformers",
     min_agreement: float = 0.995,
+    calibration: list[str] | None = None,
 ) -> ExportResult:
     """Write the model in ``ckpt_path`` (any LightningModule's checkpoint) to ``output_dir``.
 
@@ -111,6 +113,7 @@ def export_checkpoint(
         format: ``"transformers"`` (a folder ``from_pretrained`` loads) or ``"onnx"`` (``model.onnx``, checked
             against the torch model; with ``int8``, ONNX Runtime's dynamic int8).
         min_agreement: the share of parity positions where an int8 ONNX model must pick torch's label.
+        calibration: sentences NNCF calibrates ``format="openvino", int8=True`` on (your training data).
     """
     ckpt_path = Path(ckpt_path)
     check_flags(int8, sparse, shrink, format)
@@ -120,8 +123,10 @@ def export_checkpoint(
     lines: list[str] = []
     with atomic_folder(output_dir, overwrite) as folder:
         extra: dict[str, Any] = {}
-        if format == "onnx":
-            extra["parity"] = _write_onnx_folder(model, tokenizer_source, folder, int8, shrink, lines, min_agreement)
+        if format in ("onnx", "openvino"):
+            extra["parity"] = _write_graph_folder(
+                model, tokenizer_source, folder, format, int8, shrink, lines, min_agreement, calibration
+            )
         elif int8:
             state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
             names = convert_with_qat_state(model, state, prefix=model_prefix)
@@ -154,7 +159,7 @@ def export_checkpoint(
                     "(lightning_memopt.pruning.load_sparse)."
                 )
         manifest = {
-            "format": ("onnx-int8" if int8 else "onnx") if format == "onnx" else "int8" if int8 else "transformers",
+            "format": f"{format}-int8" if int8 and format != "transformers" else format if not int8 else "int8",
             "sparse": sparse,
             "shrink": shrink,
             "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)},
@@ -168,12 +173,19 @@ def export_checkpoint(
     return ExportResult(Path(output_dir), manifest, lines)
 
 
-def _write_onnx_folder(
-    model: nn.Module, source: str, folder: Path, int8: bool, shrink: bool, lines: list[str], min_agreement: float
+def _write_graph_folder(
+    model: nn.Module,
+    source: str,
+    folder: Path,
+    format: str,
+    int8: bool,
+    shrink: bool,
+    lines: list[str],
+    min_agreement: float,
+    calibration: list[str] | None,
 ) -> dict:
+    """An ONNX or OpenVINO folder: the graph (checked against torch), config with the label map, tokenizer."""
     from transformers import AutoTokenizer
-
-    from lightning_memopt.deploy.onnx import write_onnx
 
     if shrink:
         shrunk = shrink_pruned(model, heads=True)
@@ -182,16 +194,28 @@ def _write_onnx_folder(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"--format onnx needs the model's tokenizer (for the parity check and beside the model): {error}"
+            f"--format {format} needs the model's tokenizer (for the parity check and beside the model): {error}"
         ) from None
-    parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+    if format == "onnx":
+        from lightning_memopt.deploy.onnx import write_onnx
+
+        parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+        kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"
+    else:
+        from lightning_memopt.deploy.openvino import write_openvino
+
+        parity = write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
+        kind = (
+            f"int8 (NNCF post-training quantization on {len(calibration or [])} calibration sentences)"
+            if int8
+            else "float32"
+        )
     model.config.architectures = [type(model).__name__]  # what the folder holds, for memopt predict
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"
     lines.append(
-        f"ONNX {kind}, opset 18, dynamic batch and sequence: parity on {parity.positions} positions of real "
-        f"sentences: max |logit difference| {parity.max_abs_diff:.2e}, argmax agreement {parity.argmax_agreement:.1%}."
+        f"{format} {kind}, dynamic batch and sequence: parity on {parity.positions} positions of real sentences: "
+        f"max |logit difference| {parity.max_abs_diff:.2e}, argmax agreement {parity.argmax_agreement:.1%}."
     )
     return {
         "max_abs_diff": parity.max_abs_diff,

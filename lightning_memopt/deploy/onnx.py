@@ -135,13 +135,13 @@ def measure_parity(reference: np.ndarray, exported: np.ndarray, mask: np.ndarray
 def check_parity(parity: Parity, int8: bool, min_agreement: float = INT8_AGREEMENT) -> None:
     if int8 and parity.argmax_agreement < min_agreement:
         raise ValueError(
-            f"The int8 ONNX model picks the torch model's label for only {parity.argmax_agreement:.1%} of "
+            f"The int8 model picks the torch model's label for only {parity.argmax_agreement:.1%} of "
             f"{parity.positions} parity positions (needs {min_agreement:.1%}, --min_agreement); the export was not "
             "written. Train with QuantizationAwareTraining, or export float32."
         )
     if not int8 and parity.max_abs_diff > FP32_TOLERANCE:
         raise ValueError(
-            f"The ONNX model's logits differ from torch's by up to {parity.max_abs_diff:.2e} (limit "
+            f"The exported model's logits differ from torch's by up to {parity.max_abs_diff:.2e} (limit "
             f"{FP32_TOLERANCE:.0e}) on the parity batch; the export was not written. Please report this model."
         )
 

@@ -1,6 +1,7 @@
 """Run an exported model on text: NER labels per word, or a label per sentence, with scores.
 
-The folder decides the runtime (``--runtime auto``): ``model.onnx`` runs on ONNX Runtime, an int8 folder
+The folder decides the runtime (``--runtime auto``): ``openvino_model.xml`` runs on OpenVINO (at the
+precision its CPU plugin picks: bf16 where the CPU has it), ``model.onnx`` on ONNX Runtime, an int8 folder
 (``quantization.json``) on our torch int8 layers, anything else on torch fp32 (shrunk folders included,
 through :func:`~lightning_memopt.deploy.load.load_pretrained`). The task comes from ``config.json``
 (``...ForTokenClassification`` or ``...ForSequenceClassification``).
@@ -31,7 +32,7 @@ import torch
 from lightning_memopt.tasks.readers import read_conll_words, read_table, text_lines
 
 log = logging.getLogger(__name__)
-Runtime = Literal["auto", "torch", "onnxruntime"]
+Runtime = Literal["auto", "torch", "onnxruntime", "openvino"]
 CONLL_SUFFIXES = (".conll", ".bio", ".iob")
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 Logits = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -60,10 +61,14 @@ def task_of(config: Any) -> Literal["ner", "classification"]:
 def runtime_of(folder: Path, runtime: Runtime) -> str:
     if runtime != "auto":
         return runtime
+    if (folder / "openvino_model.xml").exists():
+        return "openvino"
     return "onnxruntime" if (folder / "model.onnx").exists() else "torch"
 
 
-def load_logits(folder: Path, runtime: str, threads: int | None = None) -> tuple[Logits, list[str]]:
+def load_logits(
+    folder: Path, runtime: str, threads: int | None = None, precision: str = "auto"
+) -> tuple[Logits, list[str]]:
     """A function from a padded batch to logits, and the input names it takes."""
     if runtime == "onnxruntime":
         from lightning_memopt.deploy.onnx import require_deploy_extra
@@ -79,8 +84,19 @@ def load_logits(folder: Path, runtime: str, threads: int | None = None) -> tuple
         session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         return (lambda batch: session.run(["logits"], {name: batch[name] for name in names})[0]), names
+    if runtime == "openvino":
+        from lightning_memopt.deploy.onnx import require_deploy_extra
+        from lightning_memopt.deploy.openvino import OPENVINO_FILE, compile_openvino, run_openvino
+
+        require_deploy_extra("openvino")
+        if not (folder / OPENVINO_FILE).exists():
+            raise FileNotFoundError(
+                f"--runtime openvino: {folder} has no {OPENVINO_FILE} (memopt export --format openvino)."
+            )
+        compiled = compile_openvino(folder / OPENVINO_FILE, "f32" if precision == "f32" else None, threads)
+        return (lambda batch: run_openvino(compiled, batch)), [port.any_name for port in compiled.inputs]
     if runtime != "torch":
-        raise ValueError(f"--runtime {runtime!r} is not one of auto, torch, onnxruntime.")
+        raise ValueError(f"--runtime {runtime!r} is not one of auto, torch, onnxruntime, openvino.")
     from lightning_memopt.deploy.load import load_pretrained
     from lightning_memopt.deploy.onnx import model_input_names
 
@@ -109,6 +125,17 @@ def read_inputs(path: Path, task: str, column: str, input_format: str) -> list[A
     if len(kept) < len(lines):
         log.warning("%s: %d empty lines skipped.", path, len(lines) - len(kept))
     return [tuple(line.split()) for line in kept] if task == "ner" else kept
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Sentences of a CoNLL, table or text file as plain strings (for calibration)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--calibration_file {path}: no such file.")
+    suffix = "".join(s for s in path.suffixes if s != ".gz")
+    if suffix.endswith(CONLL_SUFFIXES):
+        return [" ".join(words) for words in read_conll_words(path)]
+    return [str(text) for text in read_inputs(path, "classification", "sentence", "auto")]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -149,6 +176,7 @@ def predict(
     max_length: int = 512,
     threads: int | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> list[Prediction]:
     """Labels and scores for ``inputs`` (tuples of words for NER, strings for classification)."""
     from tqdm.auto import tqdm
@@ -159,7 +187,7 @@ def predict(
     task = task_of(config)
     tokenizer = AutoTokenizer.from_pretrained(folder, **({"add_prefix_space": True} if task == "ner" else {}))
     limit = min(max_length, getattr(config, "max_position_embeddings", max_length), tokenizer.model_max_length)
-    logits_of, names = load_logits(folder, runtime_of(folder, runtime), threads)
+    logits_of, names = load_logits(folder, runtime_of(folder, runtime), threads, precision)
     id2label = {int(k): v for k, v in config.id2label.items()}
     units: list[tuple[int, Any]] = []  # (input index, piece): long NER sentences become several pieces
     for index, item in enumerate(inputs):
@@ -252,6 +280,7 @@ def predict_file(
     input_format: str = "auto",
     batch_size: int = 32,
     threads: int | None = None,
+    precision: str = "auto",
 ) -> tuple[list[Prediction], str]:
     """Read ``input_path``, predict, write ``output_path`` (or stdout); return the predictions and the task."""
     import sys
@@ -267,7 +296,7 @@ def predict_file(
     inputs = read_inputs(Path(input_path), task, column, input_format)
     if not inputs:
         raise ValueError(f"--input {input_path}: nothing to predict (no non-empty line).")
-    predictions = predict(folder, inputs, runtime, batch_size, threads=threads)
+    predictions = predict(folder, inputs, runtime, batch_size, threads=threads, precision=precision)
     if output_path is None:
         write_predictions(predictions, sys.stdout, task)
     else:

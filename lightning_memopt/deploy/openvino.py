@@ -1,0 +1,107 @@
+"""OpenVINO IR export: the ONNX graph converted by OpenVINO, float32 or int8 by NNCF post-training quantization.
+
+``openvino_model.xml`` / ``.bin`` are written from the checked ONNX export (``ov.convert_model``). The
+parity check runs OpenVINO's CPU plugin at float32 precision (it would pick bf16 on CPUs that have it):
+logits within ``1e-4`` of torch. With ``int8``, NNCF's post-training quantization for transformers
+(``nncf.quantize(..., model_type=TRANSFORMER)``) calibrates on sentences of your data
+(``calibration``; the parity sentences if none are given, with a warning), and the int8 model must pick
+torch's label on at least ``min_agreement`` of the parity positions.
+
+Needs ``pip install 'lightning-memopt[deploy]'`` (openvino and nncf besides the ONNX tools).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_memopt.deploy.onnx import (
+    INT8_AGREEMENT,
+    PARITY_SENTENCES,
+    Parity,
+    check_parity,
+    export_graph,
+    measure_parity,
+    model_input_names,
+    parity_batch,
+    require_deploy_extra,
+)
+
+log = logging.getLogger(__name__)
+OPENVINO_FILE = "openvino_model.xml"
+CALIBRATION_SIZE = 300
+
+
+def compile_openvino(path: Path, precision: str | None = None, threads: int | None = None) -> Any:
+    """The IR at ``path`` compiled for the CPU; ``precision`` ``"f32"`` forces float32 (default: the plugin's choice)."""
+    import openvino as ov
+
+    config: dict[str, Any] = {}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(path), "CPU", config)
+
+
+def run_openvino(compiled: Any, batch: dict[str, torch.Tensor | np.ndarray]) -> np.ndarray:
+    feed = {port.any_name: np.asarray(batch[port.any_name]) for port in compiled.inputs}
+    return np.asarray(compiled(feed)[compiled.output(0)])
+
+
+def calibration_batches(tokenizer: Any, names: list[str], texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One-example batches of ``texts`` as the model's inputs, for NNCF's statistics."""
+    items = []
+    for text in list(texts)[:CALIBRATION_SIZE]:
+        encoded = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
+        zeros = np.zeros_like(encoded["input_ids"])
+        items.append({name: encoded.get(name, zeros).astype(np.int64) for name in names})
+    return items
+
+
+def write_openvino(
+    model: nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    int8: bool = False,
+    calibration: Sequence[str] | None = None,
+    min_agreement: float = INT8_AGREEMENT,
+) -> Parity:
+    """``folder/openvino_model.xml`` (float32, or NNCF int8), after the parity check passes."""
+    require_deploy_extra("onnx", "onnxscript", "openvino", *(["nncf"] if int8 else []))
+    import openvino as ov
+
+    model = model.eval().float()
+    names = model_input_names(model)
+    batch = parity_batch(tokenizer, names)
+    with torch.no_grad():
+        reference = model(**batch).logits.numpy()
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        export_graph(model, names, batch, onnx_path)
+        converted = ov.convert_model(str(onnx_path))
+    if int8:
+        import nncf
+
+        if not calibration:
+            log.warning(
+                "No calibration sentences given: NNCF calibrates on the %d parity sentences.", len(PARITY_SENTENCES)
+            )
+            calibration = PARITY_SENTENCES
+        dataset = nncf.Dataset(calibration_batches(tokenizer, names, calibration))
+        converted = nncf.quantize(
+            converted, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=CALIBRATION_SIZE
+        )
+    target = folder / OPENVINO_FILE
+    ov.save_model(converted, str(target), compress_to_fp16=False)
+    exported = run_openvino(compile_openvino(target, precision="f32"), {k: v.numpy() for k, v in batch.items()})
+    parity = measure_parity(reference, exported, batch["attention_mask"].numpy())
+    check_parity(parity, int8, min_agreement)
+    return parity
