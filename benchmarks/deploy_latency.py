@@ -30,7 +30,9 @@ from common import PAGES, RESULTS, machine, today
 
 from lightning_memopt import TokenClassificationModule, load_task_checkpoint
 from lightning_memopt.deploy.export import export_checkpoint
+from lightning_memopt.deploy.openvino import OPENVINO_FILE, compile_openvino, run_openvino
 from lightning_memopt.quantization import convert_to_int8
+from lightning_memopt.tasks.readers import read_conll_words
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003" / "train.txt.gz"
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
