@@ -105,7 +105,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=3, help="calls per round and format")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render", action="store_true", help="rewrite the page from the saved JSON; run nothing")
     args = parser.parse_args()
+    if args.render:
+        write_page(json.loads((RESULTS / "deploy-latency.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="deploy-latency-"))
     checkpoint = Path(args.ckpt_path) if args.ckpt_path else None
@@ -159,8 +163,14 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "deploy-latency.json").write_text(json.dumps(payload, indent=2) + "\n")
-    page = PAGES / "deploy-latency.md"
-    page.write_text("\n".join(render(payload)) + "\n")
+    write_page(payload)
+
+
+def write_page(payload: dict) -> None:
+    """docs/results/deploy-latency.md from the figures, with the hand notes of docs/results/notes/ appended."""
+    page, notes = PAGES / "deploy-latency.md", PAGES / "notes" / "deploy-latency.md"
+    extra = ["", notes.read_text().rstrip("\n")] if notes.exists() else []
+    page.write_text("\n".join([*render(payload), *extra]) + "\n")
     print(page.read_text())
 
 
@@ -187,7 +197,11 @@ def render(payload: dict) -> list[str]:
             cells += [f"{values[name]:.1f}", f"{payload['speedup_vs_torch_fp32'][shape][name]:.2f}x"]
         size = payload["bytes"].get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + (f" | {size / 1e6:.1f} |" if size else " | |"))
-    lines += ["", "Parity of the exports on the fixed batch of real sentences (torch vs ONNX Runtime):", ""]
+    lines += [
+        "",
+        "Parity of each export with torch on the fixed batch of real sentences (float32 runtimes at f32):",
+        "",
+    ]
     for name, parity in payload["parity"].items():
         lines.append(
             f"- {name}: max |logit difference| {parity['max_abs_diff']:.2e}, argmax agreement "

@@ -5,7 +5,10 @@ Everything else in the package imports these names from here, so that a change u
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
+
+import torch
 
 
 def load_dcp_state(state: dict[str, Any], storage_reader: Any, planner: Any) -> None:
@@ -27,3 +30,21 @@ def last_checkpoints(trainer: Any) -> set[str]:
         if isinstance(callback, ModelCheckpoint):
             found |= {str(path) for path in callback._find_last_checkpoints(trainer)}
     return found
+
+
+def pack_int8_linear(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> object:
+    """Pack int8 weights (one scale per output row) for PyTorch's legacy dynamic int8 Linear kernel.
+
+    That kernel (``torch.ops.quantized``, with ``torch.ao``'s quantized tensors) is being deprecated
+    (pytorch/pytorch#184982); its notice is silenced here, the one place that uses it.
+    """
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        qweight = torch._make_per_channel_quantized_tensor(weight, scales.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(qweight, bias)
+
+
+def int8_linear_dynamic(x: torch.Tensor, packed: object, reduce_range: bool) -> torch.Tensor:
+    """``x @ W.T + b`` by the legacy kernel: activations quantized per tensor at run time, int8 GEMM."""
+    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_memopt.core.compat import int8_linear_dynamic, pack_int8_linear
 from lightning_memopt.quantization.fake_quant import (
     WEIGHT_QMAX,
     WEIGHT_QMIN,
@@ -108,20 +108,12 @@ class Int8DynamicLinear(nn.Module):
 
     def _packed_params(self) -> object:
         if self._packed is None:
-            zero_points = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():  # PyTorch's notice that quantized tensors will go (see Known limits)
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-                qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.weight_scale.double(), zero_points, 0
-                )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+            self._packed = pack_int8_linear(self.weight, self.weight_scale, self.bias)
         return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        out = torch.ops.quantized.linear_dynamic(
-            x.reshape(-1, shape[-1]).float(), self._packed_params(), reduce_range()
-        )
+        out = int8_linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed_params(), reduce_range())
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
