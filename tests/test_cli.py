@@ -316,3 +316,14 @@ def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported")
     weight = gathered["state_dict"]["model.bert.encoder.layer.1.output.dense.weight"]
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, weight)
+
+
+def test_fit_help_lists_the_recipes_model_and_data_options_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_memopt.cli import main
+
+    main(["fit", "--config", str(RECIPES / "classification/sst2.yaml"), "--help"])
+    printed = capsys.readouterr().out
+    assert "--trainer.max_steps" in printed  # Lightning's own options first
+    assert "Options of lightning_memopt.SequenceClassificationDataModule (--data.*)" in printed
+    assert "--data.text_column" in printed and "the column of the text in files and hub datasets" in printed
+    assert "--model.learning_rate" in printed and "AdamW's peak learning rate" in printed

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lightning_memopt.cli.console import exit_with_user_error, take_console_flags
 from lightning_memopt.cli.fit import MemoptCLI, run_cli
@@ -40,15 +41,56 @@ def main(argv: Sequence[str] | None = None) -> None:
     ``--debug`` shows tracebacks, ``--quiet`` / ``--verbose`` set the log level (INFO by default).
     """
     given = take_console_flags(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        sys.argv = [sys.argv[0], *given]  # LightningCLI (and its launcher of other ranks) read sys.argv
     commands = _commands()
     try:
         if given and given[0] in commands:
             commands[given[0]](given[1:])
+        elif given and given[0] in ("fit", "validate", "test") and {"-h", "--help"} & set(given):
+            print_fit_help(given)
         else:
-            run_cli(given)
+            run_cli(None if argv is None else given)
     except Exception as error:
         exit_with_user_error(error)
         raise
 
 
-__all__ = ["MemoptCLI", "main", "run_cli"]
+def recipe_classes(argv: Sequence[str]) -> dict[str, str]:
+    """The model and data classes the ``--config`` files name (the last one wins), or the NER task's."""
+    import yaml
+
+    found = {
+        "model": "lightning_memopt.TokenClassificationModule",
+        "data": "lightning_memopt.TokenClassificationDataModule",
+    }
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in configs:
+        try:
+            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for key in found:
+            class_path = (recipe.get(key) or {}).get("class_path") if isinstance(recipe.get(key), dict) else None
+            found[key] = class_path or found[key]
+    return found
+
+
+def print_fit_help(argv: Sequence[str]) -> None:
+    """LightningCLI's help, then the options of the recipe's model and data classes with their descriptions."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both sys.argv and args are given
+    try:
+        for extra in ([], *(["--" + key + ".help", name] for key, name in recipe_classes(argv).items())):
+            if extra:
+                print(f"\nOptions of {extra[1]} ({extra[0].removesuffix('.help')}.*):\n", flush=True)
+            try:
+                run_cli([argv[0], *([] if extra else ["--help"]), *extra])
+            except SystemExit as done:
+                if done.code not in (0, None):
+                    raise
+    finally:
+        sys.argv = saved
+
+
+__all__ = ["MemoptCLI", "main", "print_fit_help", "run_cli"]

@@ -132,7 +132,31 @@ def label_order(observed: Sequence[str]) -> list[str]:
 
 
 class TransformerDataModule(LightningDataModule):
-    """Shared plumbing: tokenizer and label resolution, loaders, seeding, truncation report."""
+    """Shared plumbing: tokenizer and label resolution, loaders, seeding, truncation report.
+
+    Args:
+        train_file: training data (CoNLL for token tasks; .tsv/.csv/.jsonl for sentence tasks; optionally .gz).
+        val_file: validation data, scored during fit and by memopt validate.
+        dataset_name: a Hugging Face hub dataset instead of files.
+        dataset_config: the hub dataset's configuration name.
+        dataset_revision: the hub dataset's revision.
+        train_split: the hub split to train on.
+        val_split: the hub split to validate on.
+        tokenizer: the tokenizer (hub name or folder); the model's own if not given.
+        labels: the label list; the model's if not given (they must agree).
+        max_length: training examples are truncated to this many tokens.
+        eval_max_length: validation and test examples are truncated to this many tokens (max_length if not given).
+        batch_size: training examples per batch (per device).
+        eval_batch_size: evaluation examples per batch (batch_size if not given).
+        num_workers: DataLoader worker processes.
+        pad_to_multiple_of: pad each batch to a multiple of this length (tensor-core friendly lengths).
+        seed: seeds the training order (resumable: an interrupted epoch continues where it stopped).
+        max_train_examples: use only the first N training examples.
+        max_val_examples: use only the first N validation (and test) examples.
+        test_file: held-out test data, scored by memopt test.
+        test_split: the hub split memopt test scores.
+        encoding: the text encoding of the data files (utf-8, latin-1, ...).
+    """
 
     def __init__(
         self,
@@ -390,8 +414,11 @@ class TokenClassificationDataModule(TransformerDataModule):
     too (``B-X`` becomes ``I-X`` after the first piece) and metrics still read first sub-tokens only.
 
     Args:
-        token_column / tag_column: column indices in CoNLL files (negative counts from the end).
-        token_field / tag_field: column names in hub datasets.
+        token_column: the column of the words in CoNLL files (negative counts from the end).
+        tag_column: the column of the tags in CoNLL files (-1: the last).
+        token_field: the column of the words in hub datasets.
+        tag_field: the column of the tags in hub datasets.
+        label_all_subtokens: label every sub-token of a word, not only the first (metrics read first ones).
     """
 
     def __init__(
@@ -498,7 +525,9 @@ class SequenceClassificationDataModule(TransformerDataModule):
     """Labelled sentences (or sentence pairs) from TSV/CSV/JSONL files or the hub (e.g. SST-2).
 
     Args:
-        text_column / text_pair_column / label_column: column names in files and hub datasets.
+        text_column: the column of the text in files and hub datasets.
+        text_pair_column: the column of the second text of sentence-pair tasks.
+        label_column: the column of the label.
     """
 
     def __init__(

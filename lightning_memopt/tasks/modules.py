@@ -60,7 +60,22 @@ def check_labels(labels: list[str] | str | None) -> list[str]:
 
 
 class TransformerTaskModule(LightningModule):
-    """Common fine-tuning logic; subclasses pick the Auto class and the metrics."""
+    """Common fine-tuning logic; subclasses pick the Auto class and the metrics.
+
+    Args:
+        model_name_or_path: the encoder: a hub name (bert-base-cased), a local folder, or pypi:DISTRIBUTION.
+        labels: the label names in order, or auto (memopt fit reads them from the training data).
+        learning_rate: AdamW's peak learning rate, reached after the warm-up.
+        weight_decay: AdamW's decoupled weight decay (not applied to biases and norms).
+        warmup_ratio: the share of the run's optimizer steps spent warming the learning rate up from 0.
+        warmup_steps: the warm-up in optimizer steps instead (overrides warmup_ratio).
+        adam_betas: AdamW's betas.
+        adam_epsilon: AdamW's epsilon.
+        optimizer: adamw, or bitsandbytes' adamw8bit / paged_adamw8bit (8-bit optimizer state).
+        classifier_dropout: dropout before the task head (the model config's value if not given).
+        revision: the hub revision (branch, tag or commit) of model_name_or_path.
+        trust_remote_code: run the model repository's own Python code; off unless you trust the repository.
+    """
 
     auto_class_name: ClassVar[str]
 
