@@ -318,7 +318,9 @@ def test_fsdp2_preset_fits_resumes_from_its_sharded_checkpoint_and_exports(
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, weight)
 
 
-def test_fit_help_lists_the_recipes_model_and_data_options_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_help_lists_the_recipes_model_and_data_options_with_descriptions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from lightning_memopt.cli import main
 
     main(["fit", "--config", str(RECIPES / "classification/sst2.yaml"), "--help"])

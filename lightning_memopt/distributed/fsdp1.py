@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.distributed.namespace import PresetRepr
 
 
 @contextmanager
@@ -58,7 +59,7 @@ def clip_norms_with(precision: Precision, model: nn.Module) -> None:
     precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 
 
-class FSDP1Strategy(FSDPStrategy):
+class FSDP1Strategy(PresetRepr, FSDPStrategy):
     """``FSDPStrategy`` that wraps (and checkpoints) each transformer block found, on CUDA or CPU.
 
     Args:

@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.distributed.namespace import PresetRepr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,7 +59,7 @@ def shard_transformer(
     return [name for name, _ in blocks]
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(PresetRepr, ModelParallelStrategy):
     """``ModelParallelStrategy`` (data-parallel FSDP2) that shards LightningModules without ``configure_model``.
 
     Args:

@@ -32,11 +32,12 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.distributed.namespace import PresetRepr
 
 DEFAULT_BUCKET = 50_000_000
 
 
-class ZeROStrategy(DeepSpeedStrategy):
+class ZeROStrategy(PresetRepr, DeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1, 2 or 3, with or without offload, on CUDA or (for testing) CPU.
 
     Args:
