@@ -51,7 +51,7 @@ from lightning_memopt.core.run_points import linear_ramp
 from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.distillation.checks import check_labels, check_tokenizers, check_vocabulary
 from lightning_memopt.distillation.intermediate import LayerTransfer
-from lightning_memopt.distillation.losses import IGNORE_INDEX, check_alpha_temperature, soft_target_kl
+from lightning_memopt.distillation.losses import check_alpha_temperature, position_mask, soft_target_kl
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -87,12 +87,27 @@ def default_logits(output: Any) -> Tensor:
     raise TypeError(f"Cannot find logits in a {type(output).__name__}; pass outputs_to_logits.")
 
 
-def find_student_model(pl_module: LightningModule) -> tuple[str, nn.Module]:
-    """The first Hugging Face model with a task head inside ``pl_module``, else ``pl_module`` itself."""
+def has_head(model: nn.Module) -> bool:
+    """A transformers model with a task or LM head (``...ForX``, GPT-2's ``GPT2LMHeadModel``, any model that generates)."""
     from transformers import PreTrainedModel
 
+    if not isinstance(model, PreTrainedModel):
+        return False
+    name = type(model).__name__
+    return "For" in name or "LMHead" in name or bool(getattr(model, "can_generate", lambda: False)())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` scores logits at ``t`` against the token at ``t + 1`` (decoder LMs)."""
+    return bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
+
+
+def find_student_model(pl_module: LightningModule) -> tuple[str, nn.Module]:
+    """The first Hugging Face model with a task or LM head inside ``pl_module``, else ``pl_module`` itself."""
     for name, module in pl_module.named_modules():
-        if isinstance(module, PreTrainedModel) and "For" in type(module).__name__:
+        if has_head(module):
             return name, module
     return "", pl_module
 
@@ -190,6 +205,7 @@ class KnowledgeDistillation(Callback):
         self._teacher_info: Teacher | None = None
         self._student_output: Any = None
         self._hook: Any = None
+        self._causal = False  # a decoder LM student: its loss scores position t against label t + 1
         self._patches = InstancePatches()
         self._restore_config: dict[str, Any] = {}
         self._total_steps = 0
@@ -248,6 +264,7 @@ class KnowledgeDistillation(Callback):
         self.layers.to(pl_module.device)
         self._total_steps = int(trainer.estimated_stepping_batches)
         name, student = self._student(pl_module)
+        self._causal = is_causal_lm(student)
         if self.layers.active:
             self._return_intermediates(student)
         self._hook = student.register_forward_hook(self._keep_output)
@@ -371,8 +388,11 @@ class KnowledgeDistillation(Callback):
             return self.teacher(**inputs, **extra), inputs
 
     def _label_mask(self, batch: Any, student_logits: Tensor) -> Tensor | None:
+        """The positions the task loss counts (shifted by one for causal LMs, as their loss is)."""
         labels = self.batch_to_labels(batch)
-        return labels != IGNORE_INDEX if student_logits.dim() == 3 and labels is not None else None
+        if student_logits.dim() != 3 or labels is None:
+            return None
+        return position_mask(labels, self._causal)
 
     def _log_validation(self, pl_module: LightningModule, batch: Any) -> None:
         if self._student_output is None:

@@ -38,6 +38,22 @@ def _flatten(logits: Tensor, keep: Tensor | None) -> Tensor:
     return rows if keep is None else rows[keep.reshape(-1)]
 
 
+def position_mask(labels: Tensor, causal: bool, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Which logit positions the task loss counts: labelled tokens, or for a causal LM, the positions that
+    predict a labelled next token (logits at ``t`` are scored against ``labels[t + 1]``, as the LM loss shifts them).
+
+    >>> position_mask(torch.tensor([[-100, -100, 5, 6]]), causal=True).tolist()
+    [[False, True, True, False]]
+    >>> position_mask(torch.tensor([[-100, 3, 4]]), causal=False).tolist()
+    [[False, True, True]]
+    """
+    if not causal:
+        return labels != ignore_index
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[..., :-1] = labels[..., 1:] != ignore_index
+    return mask
+
+
 def soft_target_kl(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
 ) -> Tensor:

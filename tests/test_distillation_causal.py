@@ -1,0 +1,65 @@
+"""KnowledgeDistillation on decoder LMs: prompt-masked positions shifted like the LM loss, any LM head found."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from helpers import quiet_trainer
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lightning_memopt import KnowledgeDistillation
+from lightning_memopt.distillation.callback import find_student_model
+from lightning_memopt.distillation.losses import position_mask, soft_target_kl
+
+LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+
+
+class CausalLM(LightningModule):
+    """A plain module whose training step calls ``self.model(...)`` and returns the LM loss."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def prompt_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (2, 8), generator=generator)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a 4-token prompt: only the completion is learned
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_the_kd_mask_counts_the_positions_the_lm_loss_counts() -> None:
+    torch.manual_seed(0)
+    student, teacher = LlamaForCausalLM(LlamaConfig(**LLAMA)), LlamaForCausalLM(LlamaConfig(**LLAMA))
+    batch = prompt_batch()
+    with torch.no_grad():
+        student_logits = copy.deepcopy(student)(**batch).logits
+        teacher_logits = teacher(**batch).logits
+    shifted = position_mask(batch["labels"], causal=True)
+    assert shifted[0].tolist() == [False, False, False, True, True, True, True, False]  # logits 3..6 predict 4..7
+    expected = soft_target_kl(student_logits, teacher_logits, 1.0, shifted)
+    unshifted = soft_target_kl(student_logits, teacher_logits, 1.0, batch["labels"] != -100)
+    assert abs(float(expected) - float(unshifted)) > 1e-4  # the off-by-one would be visible
+
+    kd = KnowledgeDistillation(teacher=teacher, alpha=1.0, temperature=1.0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[kd], enable_checkpointing=False)
+    trainer.fit(CausalLM(student), train_dataloaders=DataLoader([batch], batch_size=None))
+    assert torch.isclose(trainer.callback_metrics["train_kd"], expected, atol=1e-5)
+
+
+def test_lm_heads_are_found_by_what_they_are_not_by_their_names() -> None:
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    name, found = find_student_model(CausalLM(gpt2))
+    assert found is gpt2 and name == "model"
