@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_memopt.core.compat import load_dcp_state
+from lightning_memopt.core.compat import dcp_gathering_planner_class, dcp_storage_info_class, load_dcp_state
 
 META_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"
@@ -65,12 +65,13 @@ def _refuse(path: str | Path, error: Exception) -> UnsafeCheckpointError:
 
 
 def _dcp_metadata_classes() -> dict[tuple[str, str], Any]:
-    from torch.distributed.checkpoint import filesystem, metadata
+    from torch.distributed.checkpoint import metadata
 
     admitted: dict[tuple[str, str], Any] = {
         (metadata.__name__, name): getattr(metadata, name) for name in DCP_METADATA_CLASSES if hasattr(metadata, name)
     }
-    admitted[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    storage_info = dcp_storage_info_class()
+    admitted[(storage_info.__module__, storage_info.__name__)] = storage_info
     admitted[("torch", "Size")] = torch.Size
     admitted[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     admitted[("collections", "OrderedDict")] = __import__("collections").OrderedDict
@@ -120,7 +121,6 @@ def read_dcp_metadata(folder: str | Path) -> Any:
 def _safe_dcp_reader_and_planner(folder: Path, keys: set[str] | None = None) -> tuple[Any, Any]:
     """torch's DCP reader and gathering planner, with :func:`read_dcp_metadata` and weights-only non-tensor entries."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
     metadata = read_dcp_metadata(folder)  # before torch's loader, which would wrap our error in its own
 
@@ -130,7 +130,7 @@ def _safe_dcp_reader_and_planner(folder: Path, keys: set[str] | None = None) -> 
                 metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    class SafePlanner(_EmptyStateDictLoadPlanner):
+    class SafePlanner(dcp_gathering_planner_class()):  # type: ignore[misc]
         refusal: UnsafeCheckpointError | None = None
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:  # torch's own uses weights_only=False

@@ -48,3 +48,51 @@ def pack_int8_linear(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
 def int8_linear_dynamic(x: torch.Tensor, packed: object, reduce_range: bool) -> torch.Tensor:
     """``x @ W.T + b`` by the legacy kernel: activations quantized per tensor at run time, int8 GEMM."""
     return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
+def checkpoint_activations(module: torch.nn.Module) -> None:
+    """Recompute ``module``'s activations in the backward pass (torch's composable ``checkpoint``), once.
+
+    The composable API (``torch.distributed._composable``) keeps full-checkpoint resume working where
+    ``checkpoint_wrapper`` renames parameters.
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed._composable.contract import _get_registry
+
+    if "checkpoint" not in (_get_registry(module) or {}):
+        checkpoint(module)
+
+
+def mem_tracker_class() -> type:
+    """PyTorch's ``MemTracker`` (``torch.distributed._tools``, torch >= 2.5), which ``memopt estimate`` runs on."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    return MemTracker
+
+
+def fsdp1_checkpointing_options(block_classes: set[type]) -> dict:
+    """Lightning's options for checkpointing FSDP1-wrapped blocks of ``block_classes`` (a private fabric helper)."""
+    from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
+
+    return _activation_checkpointing_kwargs(None, block_classes)
+
+
+def fsdp1_apply_checkpointing(model: torch.nn.Module, options: dict) -> None:
+    """Apply those options to an FSDP1-wrapped model, as Lightning's FSDPStrategy does (a private fabric helper)."""
+    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+
+    _setup_activation_checkpointing(model, options)
+
+
+def dcp_storage_info_class() -> type:
+    """The per-shard storage record torch pickles into DCP's ``.metadata`` (a private class of its reader)."""
+    from torch.distributed.checkpoint import filesystem
+
+    return filesystem._StorageInfo
+
+
+def dcp_gathering_planner_class() -> type:
+    """torch's planner that rebuilds a whole state dict from DCP metadata (what ``dcp_to_torch_save`` uses)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    return _EmptyStateDictLoadPlanner

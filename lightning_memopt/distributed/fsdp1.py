@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs, _setup_activation_checkpointing
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -32,6 +31,7 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.core.compat import fsdp1_apply_checkpointing, fsdp1_checkpointing_options
 from lightning_memopt.distributed.namespace import PresetRepr
 
 
@@ -107,7 +107,7 @@ class FSDP1Strategy(PresetRepr, FSDPStrategy):
             classes = {type(block) for _, block in blocks}
             self.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(classes))
             if self.activation_checkpointing:
-                self._activation_checkpointing_kwargs = _activation_checkpointing_kwargs(None, classes)
+                self._activation_checkpointing_kwargs = fsdp1_checkpointing_options(classes)
         if not self.on_cpu:
             model = super()._setup_model(model)
             clip_norms_with(self.precision_plugin, model)
@@ -119,7 +119,7 @@ class FSDP1Strategy(PresetRepr, FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        fsdp1_apply_checkpointing(model, self._activation_checkpointing_kwargs)
         clip_norms_with(self.precision_plugin, model)
         return model
 

@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.core.compat import checkpoint_activations
 from lightning_memopt.distributed.namespace import PresetRepr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +43,6 @@ def shard_transformer(
     reshard_after_forward: bool = True,
 ) -> list[str]:
     """Apply (checkpointing and) ``fully_shard`` to each transformer block, then to ``module``; return the blocks."""
-    from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
@@ -53,7 +53,7 @@ def shard_transformer(
     blocks = required_blocks(module, block_classes, "FSDP2Strategy (or shard in your own configure_model)")
     for _, block in blocks:
         if activation_checkpointing:
-            checkpoint(block)
+            checkpoint_activations(block)
         fully_shard(block, **options)
     fully_shard(module, **options)
     return [name for name, _ in blocks]

@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_memopt.core.blocks import required_blocks
 from lightning_memopt.core.checkpoints import verify_checkpoint
+from lightning_memopt.core.compat import checkpoint_activations
 from lightning_memopt.distributed.namespace import PresetRepr
 
 DEFAULT_BUCKET = 50_000_000
@@ -131,12 +132,8 @@ class ZeROStrategy(PresetRepr, DeepSpeedStrategy):
 
 def checkpoint_blocks(module: LightningModule | None, block_classes: list[str] | None) -> list[str]:
     """Wrap each transformer block of ``module`` in composable activation checkpointing (once)."""
-    from torch.distributed._composable import checkpoint
-    from torch.distributed._composable.contract import _get_registry
-
     assert module is not None
     blocks = required_blocks(module, block_classes, "activation_checkpointing=True")
     for _, block in blocks:
-        if "checkpoint" not in (_get_registry(block) or {}):
-            checkpoint(block)
+        checkpoint_activations(block)
     return [name for name, _ in blocks]

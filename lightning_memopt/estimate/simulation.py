@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_memopt.core.blocks import transformer_blocks
+from lightning_memopt.core.compat import checkpoint_activations, mem_tracker_class
 
 Task = Literal["token-classification", "sequence-classification"]
 AUTO_CLASSES = {
@@ -155,8 +156,7 @@ def simulate_step(
     ``fused_attention`` simulates CUDA's fused attention kernel (:func:`fused_attention_kernel`); leave it
     off for the CPU.
     """
-    from torch.distributed._composable import checkpoint
-    from torch.distributed._tools.mem_tracker import MemTracker
+    MemTracker = mem_tracker_class()
 
     model = meta_model(config, task).to(dtype)
     blocks = [block for _, block in transformer_blocks(model)]
@@ -164,7 +164,7 @@ def simulate_step(
     parameters = _bytes(list(model.parameters()))
     if activation_checkpointing:
         for block in blocks:
-            checkpoint(block)
+            checkpoint_activations(block)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=1e-5)
     ids = torch.zeros(batch_size, sequence_length, dtype=torch.long, device="meta")
