@@ -324,3 +324,62 @@ def test_errors_show_a_traceback_with_debug(tiny_bert_dir: Path, data: dict[str,
     with pytest.raises(ValueError, match="must be positive"):
         main([*ner_fit(tiny_bert_dir, data, tmp_path / "run", "--model.learning_rate=-1"), "--debug"])
     os.environ.pop("MEMOPT_DEBUG", None)
+
+
+# -- faults ------------------------------------------------------------------------------------------------
+def test_a_run_killed_mid_fit_resumes_at_its_step_with_the_same_masks_and_weights(
+    tiny_bert_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed after step 4 (its last checkpoint: step 3), ``--ckpt_path last`` ends where an uninterrupted run ends."""
+    from lightning_memopt import read_checkpoint
+
+    pruning = [
+        "--trainer.callbacks+=lightning_memopt.PruningScheduler", "--trainer.callbacks.final_sparsity=0.5",
+        "--trainer.callbacks.start=1", "--trainer.callbacks.end=5", "--trainer.callbacks.every=1",
+    ]  # fmt: skip
+    common = ["--trainer.max_steps=6", "--last_checkpoint.every_n_train_steps=3", "--trainer.enable_progress_bar=false"]
+    for run in ("straight", "killed"):
+        os.chdir(tmp_path)
+        argv = ner_fit(tiny_bert_dir, data, tmp_path / run, *common, *pruning)
+        if run == "killed":
+            kill = ["--trainer.callbacks+=param_digest.KillAfterStep", "--trainer.callbacks.step=4"]
+            with pytest.raises(SystemExit):
+                main([*argv, *kill])
+            last = tmp_path / "runs" / run / "checkpoints" / "last.ckpt"
+            assert read_checkpoint(last, tensors=False)["global_step"] == 3  # nothing after the kill was kept
+            assert not list(last.parent.glob(".*.partial"))
+            main([*argv, "--ckpt_path=last"])
+        else:
+            main(argv)
+    straight, resumed = (
+        read_checkpoint(tmp_path / "runs" / run / "checkpoints" / "last.ckpt") for run in ("straight", "killed")
+    )
+    assert straight["global_step"] == resumed["global_step"] == 6
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    masks = [
+        next(v for k, v in c["callbacks"].items() if k.startswith("PruningScheduler"))["masks"]
+        for c in (straight, resumed)
+    ]
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_memopt import AtomicCheckpointIO
+    from lightning_memopt.core import atomic_io
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+
+    def killed(obj: object, stream: object) -> None:
+        stream.write(b"half of step 6")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_io.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 6}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

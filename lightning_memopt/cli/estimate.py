@@ -25,10 +25,7 @@ def estimate_command(argv: Sequence[str]) -> None:
     own = argparse.ArgumentParser(prog="memopt estimate", add_help=False)
     own.add_argument("--device_memory", default=None, help="memory per device, e.g. 16GiB: recommend a setting")
     known, rest = own.parse_known_args(list(argv))
-    try:
-        device_memory = parse_size(known.device_memory) if known.device_memory else None
-    except ValueError as error:
-        raise SystemExit(f"memopt estimate: error: {error}") from None
+    device_memory = parse_size(known.device_memory) if known.device_memory else None
 
     class ConfigOnly(MemoptCLI):
         def instantiate_classes(self) -> None:  # read the config, build nothing
@@ -46,9 +43,5 @@ def estimate_command(argv: Sequence[str]) -> None:
         )
     finally:
         sys.argv = argv_before
-    try:
-        setup = setup_from_config(cli.config)
-        report = estimate_report(setup, load_model_config(setup.model, setup.num_labels), device_memory)
-    except ValueError as error:
-        raise SystemExit(f"memopt estimate: error: {error}") from None
-    print(report)
+    setup = setup_from_config(cli.config)  # a bad setting is a ValueError: memopt prints it as one line
+    print(estimate_report(setup, load_model_config(setup.model, setup.num_labels), device_memory))
