@@ -2,7 +2,7 @@
 
 from lightning_memopt.callbacks import FinalLastCheckpoint, MetricsSummary, ValidateFinalStep
 from lightning_memopt.core import AtomicCheckpointIO, UnsafeCheckpointError, read_checkpoint, verify_checkpoint
-from lightning_memopt.deploy import export_checkpoint, load_pretrained
+from lightning_memopt.deploy import export_checkpoint, export_model, load_pretrained
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
@@ -37,6 +37,7 @@ __all__ = [
     "ValidateFinalStep",
     "ZeROStrategy",
     "export_checkpoint",
+    "export_model",
     "load_pretrained",
     "load_task_checkpoint",
     "read_checkpoint",

@@ -105,3 +105,22 @@ def test_cli_entry_point_runs(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()
+
+
+def test_the_example_module_with_its_own_head_exports_to_onnx_as_its_readme_shows(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="the deploy extra is not installed")
+    pytest.importorskip("onnxscript", reason="the deploy extra is not installed")
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lightning_memopt import export_model
+
+    sentiment = load_example()
+    torch.manual_seed(0)
+    model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sentiment.default_tokenizer_dir())
+    export_model(model, tmp_path / "onnx", tokenizer, format="onnx", labels=["negative", "positive"])
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["labels"] == ["negative", "positive"]
+    assert (tmp_path / "onnx" / "model.onnx").exists() and (tmp_path / "onnx" / "tokenizer.json").exists()

@@ -224,6 +224,54 @@ def _write_graph_folder(
     }
 
 
+def export_model(
+    model: nn.Module,
+    output_dir: str | Path,
+    tokenizer: Any,
+    *,
+    format: str = "onnx",
+    int8: bool = False,
+    overwrite: bool = False,
+    labels: list[str] | None = None,
+    min_agreement: float = 0.995,
+    calibration: list[str] | None = None,
+) -> ExportResult:
+    """Export any model whose ``forward`` takes ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) and returns
+    logits (a tensor, or an output with ``.logits``): a LightningModule with its own head included.
+
+    ``format`` is ``"onnx"`` or ``"openvino"`` (``int8``: the runtime's own post-training int8), checked
+    against the model as :func:`export_checkpoint` does; the tokenizer and a manifest (with ``labels``) go beside it.
+    """
+    if format not in NAMES:
+        raise ValueError(f"export_model writes {' or '.join(NAMES)}; for a transformers folder use export_checkpoint.")
+    from lightning_memopt.deploy.onnx import write_onnx
+    from lightning_memopt.deploy.openvino import write_openvino
+
+    with atomic_folder(output_dir, overwrite) as folder:
+        if format == "onnx":
+            parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+        else:
+            parity = write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
+        tokenizer.save_pretrained(folder)
+        manifest = {
+            "format": f"{format}-int8" if int8 else format,
+            "model": {"class": type(model).__name__},
+            "labels": labels,
+            "parity": {
+                "max_abs_diff": parity.max_abs_diff,
+                "argmax_agreement": parity.argmax_agreement,
+                "positions": parity.positions,
+            },
+            "command": sys.argv,
+            "lightning_memopt": _version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    lines = [f"{NAMES[format]} {'int8' if int8 else 'float32'}: parity max |logit difference| {parity.max_abs_diff:.2e}, "
+             f"argmax agreement {parity.argmax_agreement:.1%}."]  # fmt: skip
+    return ExportResult(Path(output_dir), manifest, lines)
+
+
 def _save_tokenizer(source: str, folder: Path, lines: list[str]) -> None:
     from transformers import AutoTokenizer
 

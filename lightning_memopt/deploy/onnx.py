@@ -78,7 +78,12 @@ class LogitsOnly(nn.Module):
         self.model, self.names = model, names
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, inputs, strict=True))).logits
+        return logits_of(self.model(**dict(zip(self.names, inputs, strict=True))))
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's logits: ``output.logits`` (transformers), or the tensor a plain module returns."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def parity_batch(tokenizer: Any, names: list[str]) -> dict[str, torch.Tensor]:
@@ -164,7 +169,7 @@ def write_onnx(
     names = model_input_names(model)
     batch = parity_batch(tokenizer, names)
     with torch.no_grad():
-        reference = model(**batch).logits.numpy()
+        reference = logits_of(model(**batch)).numpy()
     target = folder / ONNX_FILE
     if int8:
         float_path = folder / "model.fp32.onnx"

@@ -28,6 +28,7 @@ from lightning_memopt.deploy.onnx import (
     Parity,
     check_parity,
     export_graph,
+    logits_of,
     measure_parity,
     model_input_names,
     parity_batch,
@@ -82,7 +83,7 @@ def write_openvino(
     names = model_input_names(model)
     batch = parity_batch(tokenizer, names)
     with torch.no_grad():
-        reference = model(**batch).logits.numpy()
+        reference = logits_of(model(**batch)).numpy()
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         export_graph(model, names, batch, onnx_path)
