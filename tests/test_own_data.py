@@ -57,10 +57,13 @@ def test_a_new_dataset_with_only_the_data_options(
     fast = [
         f"--model.model_name_or_path={tiny_bert_dir}",
         "--trainer.max_steps=2",
+        "--trainer.max_epochs=20",  # one batch an epoch: the recipe's 3 epochs would end the resumed run at once
         "--trainer.enable_progress_bar=false",
     ]
-    main(["fit", *recipe, *data, *fast])
-    fitted = capsys.readouterr().out
+    main(["fit", *recipe, *data, *fast, "--ckpt_path=auto"])  # auto: nothing to resume yet, so a fresh run
+    captured = capsys.readouterr()
+    fitted = captured.out
+    assert "train split: 16 examples" in captured.err or "train split: 18 examples" in captured.err  # INFO log lines
     expected = (
         ["O", "B-location", "I-location", "B-person", "I-person", "B-product", "I-product"]
         if task == "ner"
@@ -70,10 +73,13 @@ def test_a_new_dataset_with_only_the_data_options(
     run = tmp_path / "runs" / ("wnut" if task == "ner" else "trec")  # the run folder follows the data
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    main(["fit", *recipe, *data, *fast, "--trainer.max_steps=3", "--ckpt_path=auto", "--quiet"])  # auto resumes
+    resumed = capsys.readouterr()
+    assert "Final validation metrics (step 3):" in resumed.out and "split:" not in resumed.err  # --quiet
 
     main(["test", *recipe, *data, *fast, f"--ckpt_path={last}"])
     tested = capsys.readouterr().out
-    assert "Test metrics (step 2):" in tested and ("test_f1" in tested or "test_accuracy" in tested)
+    assert "Test metrics (step 3):" in tested and ("test_f1" in tested or "test_accuracy" in tested)
 
     main(["export", f"--ckpt_path={last}", f"--output_dir={tmp_path / 'exported'}"])
     config = json.loads((tmp_path / "exported" / "config.json").read_text())

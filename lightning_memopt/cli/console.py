@@ -24,6 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -80,14 +81,27 @@ def take_console_flags(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg not in (DEBUG_FLAG, QUIET_FLAG, VERBOSE_FLAG)]
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is now (tests and notebooks replace it)."""
+
+    memopt = True
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Send the package's log lines (which data scheme was found, example counts...) to stderr."""
     logger = logging.getLogger("lightning_memopt")
     logger.setLevel(level)
     if not any(getattr(handler, "memopt", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.memopt = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
 
 
