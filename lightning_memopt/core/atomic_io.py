@@ -29,6 +29,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_memopt.core.run_lock import process_alive
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -36,16 +38,6 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 def remove_orphaned_partials(folder: Path) -> list[Path]:
@@ -58,7 +50,7 @@ def remove_orphaned_partials(folder: Path) -> list[Path]:
     for partial in folder.glob(f".*{PARTIAL_SUFFIX}"):
         parts = partial.name[: -len(PARTIAL_SUFFIX)].split(".")
         writer = parts[-2] if len(parts) >= 4 else ""
-        if writer.isdigit() and _alive(int(writer)):
+        if writer.isdigit() and process_alive(int(writer)):
             continue
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)  # an export folder that never finished

@@ -32,7 +32,8 @@ class RunFolderBusy(FileExistsError):
     """Another run writes to this folder now."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +62,7 @@ class RunLock:
                 return
             except FileExistsError:
                 holder = self._holder()
-                if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+                if holder.get("host") == socket.gethostname() and not process_alive(int(holder.get("pid", -1))):
                     self.path.unlink(missing_ok=True)  # its run was killed: take the folder over
                     continue
                 raise RunFolderBusy(
