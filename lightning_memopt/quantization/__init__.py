@@ -2,9 +2,10 @@
 
 from lightning_memopt.quantization.callback import QuantizationAwareTraining
 from lightning_memopt.quantization.export import Int8Report, convert_to_int8, load_int8, save_int8
-from lightning_memopt.quantization.modules import FakeQuantLinear, Int8DynamicLinear
+from lightning_memopt.quantization.modules import FakeQuantConv1D, FakeQuantLinear, Int8DynamicLinear
 
 __all__ = [
+    "FakeQuantConv1D",
     "FakeQuantLinear",
     "Int8DynamicLinear",
     "Int8Report",

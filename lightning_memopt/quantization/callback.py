@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_memopt.core.filters import ModuleFilter, as_filter
+from lightning_memopt.core.filters import ModuleFilter, as_filter, is_linear, linear_layers
 from lightning_memopt.core.run_points import Unit, check_point, resolve_point, run_length
 from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.quantization.modules import FakeQuantLinear, prepare
@@ -40,19 +40,19 @@ UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStr
 
 
 def check_selection(model: nn.Module, modules: Sequence[str] | ModuleFilter | None) -> None:
-    """Name patterns that pick layers QAT cannot quantize (only ``nn.Linear`` can) are an error."""
+    """Name patterns that pick layers QAT cannot quantize (only ``nn.Linear`` and ``Conv1D`` can) are an error."""
     if modules is None or callable(modules):
         return
     patterns = [re.compile(p) for p in ([modules] if isinstance(modules, str) else modules)]
     other = [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if name and not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if name and not is_linear(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
         if any(p.search(name) for p in patterns)
     ]
     if other:
         raise ValueError(
-            f"The modules filter selects layers QAT cannot quantize: {other[:5]}. Only nn.Linear layers become int8; "
+            f"The modules filter selects layers QAT cannot quantize: {other[:5]}. Only Linear (and Conv1D) layers become int8; "
             "narrow the patterns to Linear layers (embeddings stay in float)."
         )
 
@@ -120,9 +120,9 @@ class QuantizationAwareTraining(Callback):
         check_selection(pl_module, self.modules)
         names = prepare(pl_module, self.module_filter)
         if not names:
-            linear = [n for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)][:8]
             raise ValueError(
-                f"The modules filter selects no Linear layer of {type(pl_module).__name__} (it has {linear}); "
+                f"The modules filter selects no Linear layer of {type(pl_module).__name__} (it has "
+                f"{linear_layers(pl_module)}); "
                 "pass name patterns that match some of them."
             )
         self.layers = {n: pl_module.get_submodule(n) for n in names}

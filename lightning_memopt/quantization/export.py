@@ -23,9 +23,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_memopt.core.filters import ModuleFilter, default_filter
+from lightning_memopt.core.filters import ModuleFilter, default_filter, is_linear, linear_shape
 from lightning_memopt.core.sources import transformers_model_class
-from lightning_memopt.quantization.modules import FakeQuantLinear, Int8DynamicLinear
+from lightning_memopt.quantization.modules import FakeQuantConv1D, FakeQuantLinear, Int8DynamicLinear
 
 FORMAT = "lightning_memopt.int8-dynamic/1"
 WEIGHTS_FILE = "model.int8.safetensors"
@@ -61,13 +61,15 @@ def convert_to_int8(
     modules = dict(model.named_modules())
     chosen = names
     if chosen is None:
-        chosen = [n for n, m in modules.items() if isinstance(m, FakeQuantLinear)]
+        chosen = [n for n, m in modules.items() if isinstance(m, (FakeQuantLinear, FakeQuantConv1D))]
     if not chosen:
-        chosen = [n for n, m in modules.items() if type(m) is nn.Linear and module_filter(m, n)]
+        chosen = [n for n, m in modules.items() if is_linear(m) and module_filter(m, n)]
     for name in chosen:
         layer = modules[name]
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear layer; only Linear layers become int8.")
+        if not is_linear(layer):
+            raise ValueError(
+                f"{name} is a {type(layer).__name__}, not a linear layer; only Linear and Conv1D become int8."
+            )
         model.set_submodule(name, Int8DynamicLinear.from_linear(layer, (scales or {}).get(name)))
     return chosen
 
@@ -115,7 +117,7 @@ def load_int8(folder: str | Path) -> nn.Module:
     modules = dict(model.named_modules())
     for name in meta["int8_layers"]:
         linear = modules[name]
-        model.set_submodule(name, Int8DynamicLinear(linear.in_features, linear.out_features, linear.bias is not None))
+        model.set_submodule(name, Int8DynamicLinear(*linear_shape(linear), linear.bias is not None))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
     return model.eval()
 

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_memopt.core.compat import int8_linear_dynamic, pack_int8_linear
+from lightning_memopt.core.filters import linear_shape, linear_weight
 from lightning_memopt.quantization.fake_quant import (
     WEIGHT_QMAX,
     WEIGHT_QMIN,
@@ -58,16 +60,35 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(fake_quant_activation(x), weight, self.bias)
 
 
+class FakeQuantConv1D(Conv1D):
+    """GPT-2's ``Conv1D`` (weight stored ``(in, out)``) fake-quantized like :class:`FakeQuantLinear`: scales per output."""
+
+    fake_quant: bool
+    frozen_scales: Tensor | None
+
+    def scales(self) -> Tensor:
+        return self.frozen_scales if self.frozen_scales is not None else weight_scales(self.weight.t())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fake_quant:
+            return super().forward(x)
+        weight = fake_quant_weight(self.weight.t(), self.scales())
+        return F.linear(fake_quant_activation(x), weight, self.bias)
+
+
+FAKE_QUANT = {nn.Linear: FakeQuantLinear, Conv1D: FakeQuantConv1D}
+
+
 def prepare(model: nn.Module, module_filter: Callable[[nn.Module, str], bool]) -> list[str]:
-    """Turn the selected ``nn.Linear`` layers into :class:`FakeQuantLinear` in place; return their names."""
+    """Turn the selected linear layers (``nn.Linear``, ``Conv1D``) into fake-quantized ones in place; return their names."""
     names = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module_filter(module, name):
-            module.__class__ = FakeQuantLinear
+        if type(module) in FAKE_QUANT and module_filter(module, name):
+            module.__class__ = FAKE_QUANT[type(module)]
             module.fake_quant = True
             module.frozen_scales = None
             names.append(name)
-        elif isinstance(module, FakeQuantLinear) and module_filter(module, name):
+        elif isinstance(module, tuple(FAKE_QUANT.values())) and module_filter(module, name):
             names.append(name)  # prepared before (a second fit on the same module)
     return names
 
@@ -84,12 +105,13 @@ class Int8DynamicLinear(nn.Module):
         self._packed: object | None = None  # the kernel's packed weights, made on first use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scales: Tensor | None = None) -> Int8DynamicLinear:
-        """Quantize ``linear``'s weights with ``scales`` (default: its QAT scales, or measured ones)."""
+    def from_linear(cls, linear: nn.Module, scales: Tensor | None = None) -> Int8DynamicLinear:
+        """Quantize a linear layer's (``nn.Linear`` or ``Conv1D``) weights with ``scales`` (default: its QAT
+        scales, or measured ones)."""
+        weight = linear_weight(linear).detach().float().cpu()
         if scales is None:
-            scales = linear.scales() if isinstance(linear, FakeQuantLinear) else weight_scales(linear.weight)
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        weight = linear.weight.detach().float().cpu()
+            scales = linear.scales() if hasattr(linear, "scales") else weight_scales(weight)
+        new = cls(*linear_shape(linear), linear.bias is not None)
         scales = scales.detach().float().cpu()
         # The same rounding as training's fake quantization, then the grid index.
         rounded = fake_quant_weight(weight, scales)

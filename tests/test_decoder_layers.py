@@ -1,0 +1,73 @@
+"""GPT-2's Conv1D layers (weight stored transposed) are pruned, fake-quantized and exported to int8 like Linear ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from helpers import quiet_trainer
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from lightning_memopt import PruningScheduler, QuantizationAwareTraining
+from lightning_memopt.core.filters import default_filter, linear_weight
+from lightning_memopt.quantization import FakeQuantConv1D, Int8DynamicLinear, convert_to_int8, load_int8, save_int8
+
+
+class CausalLM(LightningModule):
+    """A plain module whose training step calls ``self.model(...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def batches() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (8, 12), generator=generator)
+    return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=4)
+
+
+def test_the_default_filter_selects_gpt2s_conv1d_layers_but_not_its_head() -> None:
+    model = CausalLM().model
+    selected = [name for name, module in model.named_modules() if default_filter(module, name)]
+    assert len(selected) == 8 and all(isinstance(model.get_submodule(name), Conv1D) for name in selected)
+    assert "lm_head" not in selected
+
+
+def test_pruning_qat_and_int8_export_on_gpt2(tmp_path: Path) -> None:
+    module = CausalLM()
+    pruning = PruningScheduler(final_sparsity=0.5, schedule="constant", start=0)
+    qat = QuantizationAwareTraining()
+    quiet_trainer(max_steps=4, callbacks=[pruning, qat], enable_checkpointing=False).fit(module, batches())
+    layers = [m for m in module.model.modules() if isinstance(m, FakeQuantConv1D)]
+    assert len(layers) == 8 and qat.enabled
+    for name, weight in pruning.weights.items():  # masks act on the transposed weights too
+        assert abs(float((weight == 0).float().mean()) - 0.5) < 0.02, name
+
+    model = module.model.eval()
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad():
+        fake_quantized = model(prompt).logits
+    names = convert_to_int8(model, names=[n.removeprefix("model.") for n in qat.layers])
+    assert len(names) == 8 and all(isinstance(model.get_submodule(n), Int8DynamicLinear) for n in names)
+    with torch.no_grad():
+        assert torch.allclose(model(prompt).logits, fake_quantized, atol=0.05)  # int8 runs what QAT simulated
+    save_int8(model, tmp_path / "int8")
+    reloaded = load_int8(tmp_path / "int8")
+    generated = reloaded.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 9)
+
+
+def test_linear_weight_reads_conv1d_as_out_by_in() -> None:
+    layer = Conv1D(nf=6, nx=4)
+    assert linear_weight(layer).shape == (6, 4)
