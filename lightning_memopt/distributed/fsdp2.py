@@ -55,8 +55,31 @@ def shard_transformer(
         if activation_checkpointing:
             checkpoint_activations(block)
         fully_shard(block, **options)
+    for inner in models_holding(module, [name for name, _ in blocks]):
+        fully_shard(inner, **options)  # root-capable where the forward runs: `self.model(...)` in training_step
     fully_shard(module, **options)
     return [name for name, _ in blocks]
+
+
+def models_holding(module: nn.Module, block_names: list[str]) -> list[nn.Module]:
+    """The outermost transformers models below ``module`` that hold transformer blocks.
+
+    A LightningModule whose ``training_step`` calls ``self.model(...)`` never runs its own forward, so FSDP2's
+    root on it never gathers the embeddings: sharding the inner model too makes it the root when it runs first.
+    """
+    from transformers import PreTrainedModel
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_modules():
+        if (
+            not name
+            or not isinstance(child, PreTrainedModel)
+            or any(name.startswith(f"{outer}.") for outer, _ in found)
+        ):
+            continue
+        if any(block.startswith(f"{name}.") for block in block_names):
+            found.append((name, child))
+    return [child for _, child in found]
 
 
 class FSDP2Strategy(PresetRepr, ModelParallelStrategy):
