@@ -228,3 +228,21 @@ def test_prune_distill_and_quantize_in_one_fit(
     for name, mask in pruning.masks.items():
         layer = int8[name.removeprefix("model.").removesuffix(".weight")]
         assert isinstance(layer, Int8DynamicLinear) and (layer.weight[~mask] == 0).all(), name
+
+
+def test_int8_layers_still_run_when_the_legacy_kernel_is_gone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightning_memopt.quantization import modules
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    legacy = modules.Int8DynamicLinear.from_linear(linear)(x)
+    monkeypatch.setattr(modules, "legacy_int8_kernel", lambda: False)
+    monkeypatch.setattr(modules, "_backend", None)
+    with caplog.at_level("WARNING", logger="lightning_memopt"):
+        reference = modules.Int8DynamicLinear.from_linear(linear)(x)
+    assert "legacy int8 kernel (torch.ops.quantized) is not available" in caplog.text and "--int8" in caplog.text
+    assert torch.allclose(reference, legacy, atol=1e-5)  # the same int8 numerics, computed in float
+    monkeypatch.setattr(modules, "_backend", None)

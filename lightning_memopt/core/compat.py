@@ -32,6 +32,14 @@ def last_checkpoints(trainer: Any) -> set[str]:
     return found
 
 
+def legacy_int8_kernel() -> bool:
+    """Whether PyTorch still ships its legacy dynamic int8 Linear kernel (and the quantized tensors it packs)."""
+    try:
+        return hasattr(torch, "_make_per_channel_quantized_tensor") and torch.ops.quantized.linear_dynamic is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pack_int8_linear(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> object:
     """Pack int8 weights (one scale per output row) for PyTorch's legacy dynamic int8 Linear kernel.
 

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_memopt.core.compat import int8_linear_dynamic, pack_int8_linear
+from lightning_memopt.core.compat import int8_linear_dynamic, legacy_int8_kernel, pack_int8_linear
 from lightning_memopt.core.filters import linear_shape, linear_weight
 from lightning_memopt.quantization.fake_quant import (
     WEIGHT_QMAX,
@@ -41,6 +42,25 @@ from lightning_memopt.quantization.fake_quant import (
     reduce_range,
     weight_scales,
 )
+
+log = logging.getLogger(__name__)
+LEGACY = "PyTorch's legacy dynamic int8 kernel"
+REFERENCE = "reference int8 (int8 rounding computed in float: no speed-up)"
+_backend: str | None = None
+
+
+def int8_backend() -> str:
+    """Which kernel ``Int8DynamicLinear`` runs on; said once in the log when the legacy kernel is gone."""
+    global _backend
+    if _backend is None:
+        _backend = LEGACY if legacy_int8_kernel() else REFERENCE
+        if _backend == REFERENCE:
+            log.warning(
+                "PyTorch's legacy int8 kernel (torch.ops.quantized) is not available: int8 layers run the %s. For "
+                "int8 speed, export with memopt export --format openvino (or onnx) --int8.",
+                REFERENCE,
+            )
+    return _backend
 
 
 class FakeQuantLinear(nn.Linear):
@@ -135,7 +155,11 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        out = int8_linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed_params(), reduce_range())
+        flat = x.reshape(-1, shape[-1]).float()
+        if int8_backend() == LEGACY:
+            out = int8_linear_dynamic(flat, self._packed_params(), reduce_range())
+        else:  # the same int8 rounding of weights and activations, computed in float
+            out = F.linear(fake_quant_activation(flat), self.dequantized_weight(), self.bias)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
