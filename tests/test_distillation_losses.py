@@ -70,3 +70,19 @@ def test_attention_kl_by_hand() -> None:
     rows = [kl([0.5, 0.5], [0.25, 0.75]), kl([0.9, 0.1], [0.5, 0.5])]
     assert float(attention_kl(student, teacher)) == pytest.approx(sum(rows) / 2, rel=1e-6)
     assert float(attention_kl(student, teacher, mask=torch.tensor([[1, 0]]))) == pytest.approx(rows[0], rel=1e-6)
+
+
+def test_the_chunked_kd_loss_has_the_same_value_and_gradient() -> None:
+    from lightning_memopt.distillation.losses import soft_target_kl
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 37, 50, requires_grad=True)
+    teacher = torch.randn(2, 37, 50)
+    mask = torch.rand(2, 37) > 0.3
+    whole = soft_target_kl(student, teacher, 2.0, mask)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    chunked = soft_target_kl(student, teacher, 2.0, mask, chunk_rows=8)
+    (grad_chunked,) = torch.autograd.grad(chunked, student)
+    assert torch.allclose(whole, chunked, atol=1e-6) and torch.allclose(grad_whole, grad_chunked, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive"):
+        soft_target_kl(student, teacher, 2.0, mask, chunk_rows=0)

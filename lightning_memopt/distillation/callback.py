@@ -163,6 +163,9 @@ class KnowledgeDistillation(Callback):
             ``None``: :func:`default_labels` (``batch["labels"]``).
         outputs_to_logits: maps the student's and the teacher's outputs to logits; ``None``:
             :func:`default_logits` (``.logits``, a tensor, or the first element).
+        chunk_rows: compute the KD loss this many positions at a time, recomputing each chunk in the
+            backward pass: for LLM vocabularies, where the float32 softmax temporaries of a whole sequence
+            would take several logits-sized tensors; ``None`` computes it in one pass.
     """
 
     def __init__(
@@ -182,8 +185,12 @@ class KnowledgeDistillation(Callback):
         batch_to_teacher_inputs: Callable[[Any], dict[str, Tensor]] | None = None,
         batch_to_labels: Callable[[Any], Tensor | None] | None = None,
         outputs_to_logits: Callable[[Any], Tensor] | None = None,
+        chunk_rows: int | None = None,
     ) -> None:
         check_alpha_temperature(alpha, temperature)
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive number of positions, or None, got {chunk_rows}.")
+        self.chunk_rows = chunk_rows
         check_alpha_temperature(alpha if alpha_end is None else alpha_end, temperature_end or temperature)
         check_teacher_source(teacher)
         if teacher_precision is not None and teacher_precision not in (*DTYPES, *FROZEN_BITS):
@@ -423,7 +430,8 @@ class KnowledgeDistillation(Callback):
         student_logits = self.outputs_to_logits(self._student_output)
         teacher_output, teacher_inputs = self._teacher_output(batch)
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
-        kd = soft_target_kl(student_logits, teacher_logits, temperature, self._label_mask(batch, student_logits))
+        mask = self._label_mask(batch, student_logits)
+        kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows)
         total = (1 - alpha) * loss + alpha * kd
         batch_size = student_logits.shape[0]
         if self.layers.active:

@@ -54,21 +54,51 @@ def position_mask(labels: Tensor, causal: bool, ignore_index: int = IGNORE_INDEX
     return mask
 
 
+def _kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Summed ``KL(softmax(t/T) ‖ softmax(s/T))`` over rows of logits (float32, whatever their dtype)."""
+    student, teacher = student.float() / temperature, teacher.float() / temperature
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+    return kl.sum()
+
+
 def soft_target_kl(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> Tensor:
-    """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over positions (rows); masked rows are skipped."""
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over positions (rows); masked rows are skipped.
+
+    With ``chunk_rows``, the rows are taken ``chunk_rows`` at a time and the gradient is computed with the
+    value (:class:`ChunkedKL`), so the float32 softmax temporaries of a large vocabulary exist for one chunk
+    at a time and only the gradient, one logits-sized tensor, is kept for the backward pass: the same value
+    and gradient as one pass.
+    """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
             "teacher and student must predict the same labels."
         )
-    student = _flatten(student_logits, mask).float() / temperature
-    teacher = _flatten(teacher_logits, mask).float() / temperature
-    if student.shape[0] == 0:
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive number of positions, got {chunk_rows}.")
+    student = _flatten(student_logits, mask)
+    teacher = _flatten(teacher_logits, mask).detach()
+    rows = student.shape[0]
+    if rows == 0:
         return student_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
-    return kl.sum(-1).mean() * temperature**2
+    if chunk_rows is None or rows <= chunk_rows:
+        total = _kl_rows(student, teacher, temperature)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        total = sum(
+            checkpoint(
+                _kl_rows, student[i : i + chunk_rows], teacher[i : i + chunk_rows], temperature, use_reentrant=False
+            )
+            for i in range(0, rows, chunk_rows)
+        )
+    return total / rows * temperature**2
 
 
 def distillation_loss(
