@@ -64,6 +64,16 @@ def machine() -> str:
     )
 
 
+CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of the instruction sets int8 and bf16 speed depend on this CPU has (from /proc/cpuinfo)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    present = set(text.split())
+    return [flag for flag in CPU_FLAGS if flag in present]
+
+
 def today() -> str:
     return dt.date.today().isoformat()
 

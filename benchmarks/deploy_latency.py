@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PAGES, RESULTS, machine, today
+from common import CPU_FLAGS, PAGES, RESULTS, cpu_flags, machine, today
 
 from lightning_memopt import TokenClassificationModule, load_task_checkpoint
 from lightning_memopt.deploy.export import export_checkpoint
@@ -37,13 +37,6 @@ from lightning_memopt.tasks.readers import read_conll_words
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003" / "train.txt.gz"
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 SHAPES = ((8, 128), (1, 128))
-FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    present = set(text.split())
-    return [flag for flag in FLAGS if flag in present]
 
 
 def inputs(batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -180,7 +173,7 @@ def render(payload: dict) -> list[str]:
         "",
         f"- Command: `{payload['command']}`",
         f"- Machine: {payload['machine']}",
-        f"- CPU flags: {', '.join(payload['cpu_flags']) or 'none of ' + ', '.join(FLAGS)}",
+        f"- CPU flags: {', '.join(payload['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}",
         f"- Date: {payload['date']}",
         f"- Model: {payload['model']}",
         "",

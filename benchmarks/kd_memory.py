@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PAGES, RESULTS, machine, today
+from common import PAGES, RESULTS, cpu_flags, machine, today
 
 MIB = 2**20
 
@@ -77,6 +77,7 @@ def main() -> None:
     payload = {
         "command": "python benchmarks/kd_memory.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
+        "cpu_flags": cpu_flags(),
         "date": today(),
         "sequence": args.sequence,
         "vocab": args.vocab,
@@ -91,6 +92,7 @@ def main() -> None:
         "",
         f"- Command: `{payload['command']}`",
         f"- Machine: {payload['machine']}",
+        f"- CPU flags: {', '.join(payload['cpu_flags']) or 'none of the AVX-512/AMX ones'}",
         f"- Date: {payload['date']}",
         "",
         f"One sequence of {args.sequence} tokens over a {args.vocab:,}-token vocabulary: one float32 logits tensor is "
@@ -105,6 +107,9 @@ def main() -> None:
         ),
         "",
     ]
+    notes = PAGES / "notes" / "kd-memory.md"  # hand notes on the figures, kept across reruns
+    if notes.exists():
+        lines += [notes.read_text().rstrip("\n"), ""]
     (PAGES / "kd-memory.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

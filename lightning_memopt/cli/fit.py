@@ -225,27 +225,27 @@ class MemoptCLI(LightningCLI):
         self._verify_ckpt_path()
 
     def _verify_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before Lightning or DeepSpeed read it with loaders that would run pickled code."""
+        """Resolve and check ``--ckpt_path last`` / ``auto`` before Lightning or DeepSpeed read the checkpoint.
+
+        An explicit path was checked when it was parsed (:meth:`parse_arguments`); ``best``, ``hpc`` and
+        ``registry:`` name no file of this run's folders.
+        """
         options = self.config_init[self.subcommand]
         given = options.get("ckpt_path")
-        if given in (None, "best", "hpc") or (isinstance(given, str) and given.startswith("registry:")):
+        if given not in ("last", RESUME_IF_PRESENT):
             return
-        found = sorted(last_checkpoints(self.trainer)) if given in ("last", RESUME_IF_PRESENT) else [given]
+        found = sorted(last_checkpoints(self.trainer))
         if given == RESUME_IF_PRESENT:
             options["ckpt_path"] = "last" if found else None
-        elif given == "last" and not found:
+        elif not found:
             folders = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if c.dirpath})
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no last checkpoint in {', '.join(folders) or 'the checkpoint folders'}. "
                 f"Drop --ckpt_path to start a new run, or pass --ckpt_path {RESUME_IF_PRESENT} to resume when there is one."
             )
-        paths = found
-        for path in paths:
-            if "://" in str(path):
-                continue  # remote: AtomicCheckpointIO loads it weights-only
-            if not Path(path).exists():
-                raise FileNotFoundError(f"--ckpt_path {path}: no such file or folder.")
-            verify_checkpoint(path)
+        for path in found:
+            if "://" not in str(path):  # remote: AtomicCheckpointIO loads it weights-only
+                verify_checkpoint(path)
 
 
 def run_cli(args: list[str] | None = None, **cli_kwargs: Any) -> MemoptCLI:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from lightning_memopt.core.atomic_io import atomic_folder
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.core.sources import resolve_pretrained
+from lightning_memopt.deploy.onnx import Parity
 from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
@@ -58,6 +59,17 @@ FORMATS = ("transformers", "onnx", "openvino")
 NAMES = {"onnx": "ONNX", "openvino": "OpenVINO"}
 
 
+def format_name(format: str, int8: bool) -> str:
+    """What the manifest calls an export.
+
+    >>> format_name("transformers", True), format_name("onnx", True), format_name("openvino", False)
+    ('int8', 'onnx-int8', 'openvino')
+    """
+    if not int8:
+        return format
+    return "int8" if format == "transformers" else f"{format}-int8"
+
+
 def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transformers") -> None:
     """Refuse export options that cannot be honoured together."""
     if format not in FORMATS:
@@ -77,10 +89,11 @@ def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transform
         )
 
 
-def model_of(ckpt_path: Path, model_source: str | None, prefix: str | None) -> tuple[nn.Module, str, str]:
+def model_of(
+    ckpt_path: Path, meta: dict[str, Any], model_source: str | None, prefix: str | None
+) -> tuple[nn.Module, str, str]:
     """(model, tokenizer source, prefix of the model in the module) of a checkpoint of any LightningModule."""
-    task = read_checkpoint(ckpt_path, tensors=False).get(TASK_KEY)
-    if task in TASK_CLASSES and model_source is None and prefix is None:
+    if meta.get(TASK_KEY) in TASK_CLASSES and model_source is None and prefix is None:
         module = load_task_checkpoint(ckpt_path)
         return module.model, resolve_pretrained(module.model_name_or_path), "model."
     found = model_from_checkpoint(ckpt_path, source=model_source, prefix=prefix)
@@ -119,7 +132,8 @@ def export_checkpoint(
     check_flags(int8, sparse, shrink, format)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
-    model, tokenizer_source, model_prefix = model_of(ckpt_path, model_source, prefix)
+    meta = read_checkpoint(ckpt_path, tensors=False)  # everything but the weights: task, QAT state
+    model, tokenizer_source, model_prefix = model_of(ckpt_path, meta, model_source, prefix)
     lines: list[str] = []
     with atomic_folder(output_dir, overwrite) as folder:
         extra: dict[str, Any] = {}
@@ -128,7 +142,7 @@ def export_checkpoint(
                 model, tokenizer_source, folder, format, int8, shrink, lines, min_agreement, calibration
             )
         elif int8:
-            state = checkpoint_qat_state(read_checkpoint(ckpt_path, tensors=False))
+            state = checkpoint_qat_state(meta)
             names = convert_with_qat_state(model, state, prefix=model_prefix)
             if state is None:
                 how = "post-training dynamic quantization (no QAT state in the checkpoint)"
@@ -159,14 +173,12 @@ def export_checkpoint(
                     "(lightning_memopt.pruning.load_sparse)."
                 )
         manifest = {
-            "format": f"{format}-int8" if int8 and format != "transformers" else format if not int8 else "int8",
+            "format": format_name(format, int8),
             "sparse": sparse,
             "shrink": shrink,
             "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)},
             "model": {"class": type(model).__name__, "from": tokenizer_source, "prefix": model_prefix},
-            "command": sys.argv,
-            "lightning_memopt": _version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **provenance(),
             **extra,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -196,20 +208,14 @@ def _write_graph_folder(
         raise ValueError(
             f"--format {format} needs the model's tokenizer (for the parity check and beside the model): {error}"
         ) from None
-    if format == "onnx":
-        from lightning_memopt.deploy.onnx import write_onnx
-
-        parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
-        kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)" if int8 else "float32"
+    parity = write_graph(model, tokenizer, folder, format, int8, min_agreement, calibration)
+    if not int8:
+        kind = "float32"
+    elif format == "onnx":
+        kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)"
     else:
-        from lightning_memopt.deploy.openvino import write_openvino
-
-        parity = write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
-        kind = (
-            f"int8 (NNCF post-training quantization on {len(calibration or [])} calibration sentences)"
-            if int8
-            else "float32"
-        )
+        sentences = f"{len(calibration)} calibration sentences" if calibration else "the parity sentences"
+        kind = f"int8 (NNCF post-training quantization on {sentences})"
     model.config.architectures = [type(model).__name__]  # what the folder holds, for memopt predict
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -217,11 +223,26 @@ def _write_graph_folder(
         f"{format} {kind}, dynamic batch and sequence: parity on {parity.positions} positions of real sentences: "
         f"max |logit difference| {parity.max_abs_diff:.2e}, argmax agreement {parity.argmax_agreement:.1%}."
     )
-    return {
-        "max_abs_diff": parity.max_abs_diff,
-        "argmax_agreement": parity.argmax_agreement,
-        "positions": parity.positions,
-    }
+    return asdict(parity)
+
+
+def write_graph(
+    model: nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    format: str,
+    int8: bool,
+    min_agreement: float,
+    calibration: list[str] | None,
+) -> Parity:
+    """The ONNX or OpenVINO graph of ``model`` in ``folder``, checked against it."""
+    if format == "onnx":
+        from lightning_memopt.deploy.onnx import write_onnx
+
+        return write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+    from lightning_memopt.deploy.openvino import write_openvino
+
+    return write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
 
 
 def export_model(
@@ -244,27 +265,15 @@ def export_model(
     """
     if format not in NAMES:
         raise ValueError(f"export_model writes {' or '.join(NAMES)}; for a transformers folder use export_checkpoint.")
-    from lightning_memopt.deploy.onnx import write_onnx
-    from lightning_memopt.deploy.openvino import write_openvino
-
     with atomic_folder(output_dir, overwrite) as folder:
-        if format == "onnx":
-            parity = write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
-        else:
-            parity = write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
+        parity = write_graph(model, tokenizer, folder, format, int8, min_agreement, calibration)
         tokenizer.save_pretrained(folder)
         manifest = {
-            "format": f"{format}-int8" if int8 else format,
+            "format": format_name(format, int8),
             "model": {"class": type(model).__name__},
             "labels": labels,
-            "parity": {
-                "max_abs_diff": parity.max_abs_diff,
-                "argmax_agreement": parity.argmax_agreement,
-                "positions": parity.positions,
-            },
-            "command": sys.argv,
-            "lightning_memopt": _version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "parity": asdict(parity),
+            **provenance(),
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     lines = [f"{NAMES[format]} {'int8' if int8 else 'float32'}: parity max |logit difference| {parity.max_abs_diff:.2e}, "
@@ -281,6 +290,15 @@ def _save_tokenizer(source: str, folder: Path, lines: list[str]) -> None:
         lines.append(f"No tokenizer written: {source!r} has none ({error}).")
         return
     tokenizer.save_pretrained(folder)
+
+
+def provenance() -> dict[str, Any]:
+    """The command, package version and time every manifest records."""
+    return {
+        "command": sys.argv,
+        "lightning_memopt": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _version() -> str:

@@ -160,26 +160,37 @@ def quantize_dynamic_int8(source: Path, target: Path) -> None:
     )
 
 
+def reference_logits(model: nn.Module, tokenizer: Any) -> tuple[list[str], dict[str, torch.Tensor], np.ndarray]:
+    """The model's input names, the parity batch and the model's own logits on it (float32, eval mode)."""
+    model.eval().float()
+    names = model_input_names(model)
+    batch = parity_batch(tokenizer, names)
+    with torch.no_grad():
+        return names, batch, logits_of(model(**batch)).numpy()
+
+
+def checked_parity(
+    reference: np.ndarray, exported: np.ndarray, batch: dict[str, torch.Tensor], int8: bool, min_agreement: float
+) -> Parity:
+    """:func:`measure_parity` on the batch's real tokens, refused by :func:`check_parity` when off."""
+    parity = measure_parity(reference, exported, batch["attention_mask"].numpy())
+    check_parity(parity, int8, min_agreement)
+    return parity
+
+
 def write_onnx(
     model: nn.Module, tokenizer: Any, folder: Path, int8: bool = False, min_agreement: float = INT8_AGREEMENT
 ) -> Parity:
     """``folder/model.onnx`` (float32, or ONNX Runtime dynamic int8), after the parity check passes."""
     require_deploy_extra("onnx", "onnxscript", "onnxruntime")
-    model = model.eval().float()
-    names = model_input_names(model)
-    batch = parity_batch(tokenizer, names)
-    with torch.no_grad():
-        reference = logits_of(model(**batch)).numpy()
+    names, batch, reference = reference_logits(model, tokenizer)
     target = folder / ONNX_FILE
     if int8:
         float_path = folder / "model.fp32.onnx"
         export_graph(model, names, batch, float_path)
         quantize_dynamic_int8(float_path, target)
-        float_path.unlink()
-        for leftover in folder.glob("model.fp32.onnx*"):
+        for leftover in folder.glob("model.fp32.onnx*"):  # the float graph and any external data beside it
             leftover.unlink()
     else:
         export_graph(model, names, batch, target)
-    parity = measure_parity(reference, run_onnx(target, batch), batch["attention_mask"].numpy())
-    check_parity(parity, int8, min_agreement)
-    return parity
+    return checked_parity(reference, run_onnx(target, batch), batch, int8, min_agreement)

@@ -26,12 +26,9 @@ from lightning_memopt.deploy.onnx import (
     INT8_AGREEMENT,
     PARITY_SENTENCES,
     Parity,
-    check_parity,
+    checked_parity,
     export_graph,
-    logits_of,
-    measure_parity,
-    model_input_names,
-    parity_batch,
+    reference_logits,
     require_deploy_extra,
 )
 
@@ -79,11 +76,7 @@ def write_openvino(
     require_deploy_extra("onnx", "onnxscript", "openvino", *(["nncf"] if int8 else []))
     import openvino as ov
 
-    model = model.eval().float()
-    names = model_input_names(model)
-    batch = parity_batch(tokenizer, names)
-    with torch.no_grad():
-        reference = logits_of(model(**batch)).numpy()
+    names, batch, reference = reference_logits(model, tokenizer)
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         export_graph(model, names, batch, onnx_path)
@@ -103,6 +96,4 @@ def write_openvino(
     target = folder / OPENVINO_FILE
     ov.save_model(converted, str(target), compress_to_fp16=False)
     exported = run_openvino(compile_openvino(target, precision="f32"), {k: v.numpy() for k, v in batch.items()})
-    parity = measure_parity(reference, exported, batch["attention_mask"].numpy())
-    check_parity(parity, int8, min_agreement)
-    return parity
+    return checked_parity(reference, exported, batch, int8, min_agreement)
