@@ -166,3 +166,19 @@ def test_bad_predict_inputs_are_one_line_errors(
             main(["predict", f"--model={models.get(case, exported['ner'])}", *extra])
         assert exited.value.code == 2, case
         assert message in capsys.readouterr().err, case
+
+
+def test_a_text_longer_than_the_classifier_takes_is_truncated_with_a_warning(
+    exported: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "long.txt").write_text(" ".join(["wonderful"] * 700) + "\na short one\n")
+    main(
+        [
+            "predict",
+            f"--model={exported['sst2']}",
+            f"--input={tmp_path / 'long.txt'}",
+            f"--output={tmp_path / 'o.jsonl'}",
+        ]
+    )
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+    assert "1 texts were longer than 512 tokens and were truncated" in caplog.text

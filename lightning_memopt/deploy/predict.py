@@ -200,13 +200,17 @@ def predict(
                 len(pieces),
             )
         units += [(index, piece) for piece in pieces]
-    encoded = [
-        tokenizer(list(piece), is_split_into_words=True, truncation=True, max_length=limit)
-        if task == "ner"
-        else tokenizer(piece, truncation=True, max_length=limit)
-        for _, piece in units
-    ]
-    truncated = sum(task != "ner" and len(tokenizer(piece)["input_ids"]) > limit for _, piece in units)
+    if task == "ner":  # pieces fit already (fit_words)
+        encoded = [
+            tokenizer(list(piece), is_split_into_words=True, truncation=True, max_length=limit) for _, piece in units
+        ]
+        truncated = 0
+    else:  # tokenized once; only texts that are too long again, truncated
+        encoded = [tokenizer(piece) for _, piece in units]
+        long = [i for i, e in enumerate(encoded) if len(e["input_ids"]) > limit]
+        for i in long:
+            encoded[i] = tokenizer(units[i][1], truncation=True, max_length=limit)
+        truncated = len(long)
     if truncated:
         log.warning("%d texts were longer than %d tokens and were truncated.", truncated, limit)
     results: list[tuple[list[str], list[float]]] = [([], []) for _ in units]
