@@ -199,10 +199,13 @@ def exact_final(result: dict) -> float:
     return result["history"][-1][result["metric"]] if result.get("history") else result["final"]
 
 
-def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None) -> tuple[Any, dict]:
+def fit_recipe(
+    task: str, root: Path, budget: list[str], callbacks: list[Callback] | None = None, configs: tuple[Path, ...] = ()
+) -> tuple[Any, dict]:
     """Fit a task's offline recipe in this process through ``memopt fit``'s code path; return the CLI and figures.
 
-    ``budget`` is extra CLI flags (e.g. :func:`step_budget`); ``callbacks`` are added to the recipe's own.
+    ``configs`` are overlays after the recipe's (e.g. a benchmark variant's); ``budget`` is extra CLI flags
+    (e.g. :func:`step_budget`); ``callbacks`` are added to the recipe's own.
     The last checkpoint is ``root/checkpoints/last.ckpt``.
     """
     from lightning_memopt.cli import run_cli
@@ -211,8 +214,8 @@ def fit_recipe(task: str, root: Path, budget: list[str], callbacks: list[Callbac
     spec = TASKS[task]
     timer = StepTimer()
     args = ["fit"]
-    for config in spec["configs"]:
-        args += ["--config", str(PROJECT_ROOT / config)]
+    for config in [*(PROJECT_ROOT / config for config in spec["configs"]), *configs]:
+        args += ["--config", str(config)]
     args += [
         f"--trainer.default_root_dir={root}",
         f"--trainer.logger.init_args.save_dir={root}",

@@ -43,24 +43,22 @@ from common import (
     timed_ner_steps,
     write_child_result,
 )
+from variants import load_variants
 
 LAYERS = [0, 2, 4]
-ALPHA, TEMPERATURE = 0.5, 2.0
+STUDENTS = load_variants("distillation")  # recipes/benchmarks/distillation/*.yaml
+KD_OPTIONS = STUDENTS["student+kd"].options("KnowledgeDistillation") or {}
 
 
 def run_variant(task: str, variant: str, workdir: Path, steps: int, teacher: str | None) -> dict:
     """Train the teacher, or the student with or without distillation (runs in a child process)."""
-    from lightning_memopt import KnowledgeDistillation
-
     budget = step_budget(steps)
     if variant == "teacher":
         return fit_recipe(task, workdir / task / "teacher", budget)[1]
     assert teacher is not None
-    budget.append(f"--model.model_name_or_path={workdir / task / 'student-init'}")
-    callbacks = (
-        [KnowledgeDistillation(teacher, alpha=ALPHA, temperature=TEMPERATURE)] if variant == "student+kd" else []
-    )
-    return fit_recipe(task, workdir / task / variant, budget, callbacks)[1]
+    root = workdir / task / variant
+    overlay = STUDENTS[variant].config_file(root, runs=str(workdir / task), teacher=teacher)
+    return fit_recipe(task, root, budget, configs=(overlay,))[1]
 
 
 def make_student(teacher_ckpt: str, folder: Path) -> dict[str, int]:
@@ -136,7 +134,7 @@ def write_report(payload: dict, steps: int) -> Path:
         f"KnowledgeDistillation benchmark ({budget_words(steps)} per run)",
         payload,
         f"Teacher: all-MiniLM-L6-v2 fine-tuned by the task recipe; student: its embeddings, head and layers "
-        f"{LAYERS}; distillation alpha {ALPHA}, temperature {TEMPERATURE}; every run has the same budget and recipe.",
+        f"{LAYERS}; distillation alpha {KD_OPTIONS['alpha']}, temperature {KD_OPTIONS['temperature']}; every run has the same budget and recipe.",
     )
     for task, result in payload.get("tasks", {}).items():
         metric = TASKS[task]["metric"]
@@ -148,7 +146,7 @@ def write_report(payload: dict, steps: int) -> Path:
             "|---|---|---|---|",
             f"| teacher (6 layers) | {result['teacher_params']:,} | {teacher:.4f} | 100 % |",
         ]
-        for variant in ("student", "student+kd"):
+        for variant in STUDENTS:
             score = result[variant]["final"]
             lines.append(
                 f"| {variant} (3 layers) | {result['student_params']:,} | {score:.4f} | {100 * score / teacher:.1f} % |"
@@ -198,7 +196,7 @@ def main() -> None:
         if "accuracy" not in args.parts:
             continue
         result = {**sizes, "teacher_score": teacher_score(task, teachers[task])}
-        for variant in ("student", "student+kd"):
+        for variant in STUDENTS:
             result[variant] = child(task, variant, teachers[task])
         payload["tasks"][task] = result
     if "overhead" in args.parts and "ner" in teachers:

@@ -1,6 +1,6 @@
 """PruningScheduler benchmark: accuracy, exported size and CPU latency against dense, and the callback's overhead.
 
-Accuracy part: each variant (dense; unstructured cubic GMP to 50/70/80/90 %; structured heads and
+Accuracy part: each variant (an overlay in ``recipes/benchmarks/pruning/``: dense; unstructured cubic GMP to 50/70/80/90 %; structured heads and
 neurons at 25/50 %) fine-tunes the offline MiniLM-L6 with the task's recipe and the same step budget,
 in its own process, then is exported the way a user would (``save_sparse`` for unstructured,
 ``shrink_pruned`` for structured). Two 80 % variants add ``KnowledgeDistillation`` with the dense run
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,81 +48,35 @@ from common import (
     timed_ner_steps,
     write_child_result,
 )
+from variants import Variant, check_order, load_variants
+
+VARIANTS = load_variants("pruning")  # recipes/benchmarks/pruning/*.yaml
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One benchmark run: PruningScheduler options (none: dense), the KnowledgeDistillation options with which
-    the dense run teaches it (``None``: no teacher), which earlier variant's export it starts from (``None``:
-    the pretrained model), and its length as a multiple of ``--steps`` (the schedule's fractions stretch with it)."""
-
-    pruning: dict[str, Any] = field(default_factory=dict)
-    kd: dict[str, Any] | None = None
-    start_from: str | None = None
-    budget: int = 1
-
-    @property
-    def structured(self) -> bool:
-        return self.pruning.get("structure", "unstructured") != "unstructured"
-
-
-UNSTRUCTURED = {"schedule": "cubic", "start": 0.0, "end": 0.7, "every": 0.01}
-GMP_80 = {"final_sparsity": 0.8, **UNSTRUCTURED}
-REWOUND = {"final_sparsity": 0.8, "schedule": "constant", "start": 0, "every": 0.01}  # keeps the seed's 80 % mask
-STRUCTURED = {"structure": "heads_and_neurons", "criterion": "gradient", "start": 0.1, "end": 0.7, "every": 0.02}
-KD_OPTIONS = {"alpha": 0.5, "temperature": 2.0}  # as recipes/distillation/*.yaml
-KD_ALPHA_09 = {"alpha": 0.9, "temperature": 2.0}
-KD_HIDDEN = {**KD_ALPHA_09, "hidden_layers": {i: i for i in range(1, 7)}, "hidden_weight": 1.0}
-VARIANTS: dict[str, Variant] = {
-    "dense": Variant(),
-    "unstructured-80": Variant(GMP_80),
-    "unstructured-80-global": Variant({**GMP_80, "scope": "global"}),
-    "unstructured-80-movement": Variant({**GMP_80, "criterion": "movement"}),
-    "structured-50": Variant({"final_sparsity": 0.5, **STRUCTURED}),
-    "unstructured-50": Variant({"final_sparsity": 0.5, **UNSTRUCTURED}),
-    "unstructured-70": Variant({"final_sparsity": 0.7, **UNSTRUCTURED}),
-    "unstructured-90": Variant({"final_sparsity": 0.9, **UNSTRUCTURED}),
-    "structured-25": Variant({"final_sparsity": 0.25, **STRUCTURED}),
-    "unstructured-80-kd": Variant(GMP_80, kd=KD_OPTIONS),
-    "unstructured-80-kd-from-dense": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense"),
-    "unstructured-80-kd-from-dense-3x": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense", budget=3),
-    "unstructured-80-kd-from-dense-6x": Variant(GMP_80, kd=KD_OPTIONS, start_from="dense", budget=6),
-    "unstructured-80-kd-from-dense-3x-alpha09": Variant(GMP_80, kd=KD_ALPHA_09, start_from="dense", budget=3),
-    "unstructured-80-kd-from-dense-3x-alpha09-hidden": Variant(GMP_80, kd=KD_HIDDEN, start_from="dense", budget=3),
-}
-
-# Learning-rate rewinding (Renda et al., 2020): the 80 % model trains once more with the recipe's whole warm-up and
-# decay, its mask fixed, its teacher and KD options unchanged; "-rewind-rewind" is a second pass.
-REWIND_SEEDS = ("3x", "3x-alpha09-hidden", "3x-rewind", "6x")
-for seed in (f"unstructured-80-kd-from-dense-{name}" for name in REWIND_SEEDS):
-    VARIANTS[f"{seed}-rewind"] = Variant(REWOUND, kd=VARIANTS[seed].kd, start_from=seed)
+def is_structured(variant: Variant) -> bool:
+    """Whether the variant prunes whole heads and neurons (exported shrunk) rather than single weights."""
+    return (variant.options("PruningScheduler") or {}).get("structure", "unstructured") != "unstructured"
 
 
 def train_and_export(task: str, name: str, workdir: Path, steps: int) -> dict:
     """Fit one variant, export it, and return its figures (runs in a child process)."""
-    from lightning_memopt import KnowledgeDistillation, PruningScheduler, load_task_checkpoint
+    from lightning_memopt import load_task_checkpoint
     from lightning_memopt.pruning import save_sparse, shrink_pruned
 
     variant = VARIANTS[name]
-    dense = workdir / task / "dense"
-    callbacks: list[Any] = [PruningScheduler(**variant.pruning)] if variant.pruning else []
-    if variant.kd is not None:
-        callbacks.append(KnowledgeDistillation(str(dense / "checkpoints" / "last.ckpt"), **variant.kd))
-    budget = step_budget(steps, task=task, times=variant.budget)
-    if variant.start_from:
-        budget.append(f"--model.model_name_or_path={workdir / task / variant.start_from / 'export'}")
     root = workdir / task / name
-    cli, result = fit_recipe(task, root, budget, callbacks)
+    overlay = variant.config_file(root, runs=str(workdir / task))
+    cli, result = fit_recipe(task, root, step_budget(steps, task=task, times=variant.budget), configs=(overlay,))
     del cli
     module = load_task_checkpoint(root / "checkpoints" / "last.ckpt")
     export = root / "export"
-    if variant.structured:
+    if is_structured(variant):
         report = shrink_pruned(module.model)
         result["params"] = {"before": report.params_before, "after": report.params_after}
     module.export_pretrained(export)
     result["export"] = str(export)
     result["file_bytes"] = (export / "model.safetensors").stat().st_size
-    if variant.pruning and not variant.structured:
+    if variant.options("PruningScheduler") and not is_structured(variant):
         result["sparse_bytes"] = save_sparse(module.model.state_dict(), export / "model.sparse.safetensors").file_bytes
     return result
 
@@ -139,7 +92,7 @@ def measure_exports(task: str, results: list[dict]) -> None:
     for result in results:
         model = auto.from_pretrained(result["export"]).eval()
         models[result["variant"]] = model
-        if VARIANTS[result["variant"]].structured:
+        if is_structured(VARIANTS[result["variant"]]):
             heads_cut = auto.from_pretrained(result["export"]).eval()
             shrink_pruned(heads_cut, heads=True)
             models[result["variant"] + " (heads cut after loading)"] = heads_cut
@@ -261,10 +214,9 @@ def main() -> None:
         return
     if "dense" not in args.variants:
         args.variants.insert(0, "dense")
-    for index, name in enumerate(args.variants):
-        seed = VARIANTS[name].start_from
-        if seed and seed not in args.variants[:index]:
-            parser.error(f"--variants: {name} starts from {seed}'s export; list {seed} before it")
+    problem = check_order(VARIANTS, args.variants)
+    if problem:
+        parser.error(f"--variants: {problem}")
     payload: dict[str, Any] = payload_header("pruning.py")
     if "accuracy" in args.parts:
         payload["accuracy"] = {}

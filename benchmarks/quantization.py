@@ -2,9 +2,9 @@
 
 Accuracy: the dense run (``--dense TASK=CKPT`` to reuse one, else trained here) gives fp32; its
 checkpoint converted to int8 without training gives post-training dynamic quantization (PTQ); runs
-with ``QuantizationAwareTraining`` exported to int8 give QAT: fake quantization from 10 % of the run
-(``qat``) or from two thirds of it, after a full-precision fine-tune in the same run (``qat-late``);
-weight scales frozen at 90 % in both.
+with ``QuantizationAwareTraining`` exported to int8 give QAT, one run per overlay in
+``recipes/benchmarks/quantization/``: fake quantization from 10 % of the run (``qat``) or from two thirds
+of it, after a full-precision fine-tune in the same run (``qat-late``); weight scales frozen at 90 % in both.
 Both int8 models are validated through ``memopt validate`` with the conversion done after the
 checkpoint is restored. Size: the Linear weights' bytes and the weights file, as ratios to fp32.
 Latency: batch 8 x 128 tokens, fp32 vs PTQ vs QAT int8 vs torchao's int8 dynamic quantization, interleaved
@@ -53,6 +53,7 @@ from common import (
     timed_ner_steps,
     write_child_result,
 )
+from variants import load_variants
 
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
 
@@ -67,23 +68,22 @@ class ConvertToInt8(Callback):
         convert_with_qat_state(pl_module.model, self.qat_state)
 
 
-QAT_RUNS: dict[str, dict[str, float]] = {
-    "qat": {"start": 0.1, "freeze_ranges": 0.9},
-    "qat-late": {"start": 2 / 3, "freeze_ranges": 0.9},
-}
-QAT_LABELS = {"qat": "QAT from 10 %", "qat-late": "QAT from 67 % (full precision before)"}
+QAT_RUNS = load_variants("quantization")  # recipes/benchmarks/quantization/*.yaml
+QAT_LABELS = {name: run.label or name for name, run in QAT_RUNS.items()}
 
 
 def run_variant(
     task: str, variant: str, workdir: Path, steps: int, checkpoint: str | None, seed: int | None = None
 ) -> dict:
     """Fit dense or QAT, or validate a checkpoint converted to int8 (runs in a child process)."""
-    from lightning_memopt import QuantizationAwareTraining
     from lightning_memopt.cli import run_cli
 
-    if variant == "fp32" or variant in QAT_RUNS:
-        callbacks = [QuantizationAwareTraining(**QAT_RUNS[variant])] if variant in QAT_RUNS else []
-        return fit_recipe(task, workdir / task / variant, step_budget(steps, seed), callbacks)[1]
+    root = workdir / task / variant
+    if variant == "fp32":
+        return fit_recipe(task, root, step_budget(steps, seed))[1]
+    if variant in QAT_RUNS:
+        overlay = QAT_RUNS[variant].config_file(root, runs=str(workdir / task))
+        return fit_recipe(task, root, step_budget(steps, seed), configs=(overlay,))[1]
     assert checkpoint is not None  # "fp32-validate": as is; "ptq" / "<QAT run>-int8": converted to int8 first
     state = checkpoint_qat_state(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
     callbacks = [] if variant == "fp32-validate" else [ConvertToInt8(state)]
