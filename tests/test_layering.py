@@ -4,6 +4,7 @@
 - the techniques (``pruning``, ``distillation``, ``quantization``, ``distributed``) and ``tasks/`` and
   ``callbacks/`` import only ``core/``; ``estimate/`` also the public ``lightning_memopt.distributed``;
 - ``deploy/`` may import ``core/``, ``tasks/`` and the techniques;
+- ``compress/`` may import ``core/``, ``tasks/``, the techniques and ``deploy/``;
 - ``cli/`` may import all of them, and nothing imports ``cli/``;
 - no import cycle between modules, function-level imports included.
 """
@@ -26,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "callbacks": {"core"},
     "estimate": {"core", "distributed"},
     "deploy": {"core", "tasks", *TECHNIQUES},
-    "cli": {"core", "callbacks", "tasks", "estimate", "deploy", *TECHNIQUES},
+    "compress": {"core", "tasks", "deploy", *TECHNIQUES},
+    "cli": {"core", "callbacks", "tasks", "estimate", "deploy", "compress", *TECHNIQUES},
 }
 PUBLIC_ONLY = {("estimate", "distributed")}  # the package's public names, not its modules' internals
 

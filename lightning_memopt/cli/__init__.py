@@ -9,6 +9,8 @@ Examples::
     memopt student --teacher runs/ner-conll2003/checkpoints/last.ckpt --layers [0,2,4] --output_dir students/ner-l3
     memopt estimate --config recipes/ner/conll2003.yaml --trainer.devices 2 --device_memory 16GiB
     memopt predict --model exported/ner --input news.txt --output news.conll
+    memopt compress --plan recipes/compress/ner-small.yaml --teacher runs/ner-conll2003/checkpoints/last.ckpt \
+        --output_dir compressed/ner-small --config recipes/ner/conll2003.yaml
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lightning_memopt.cli.fit import MemoptCLI, run_cli
 
 
 def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
+    from lightning_memopt.cli.compress import compress_command
     from lightning_memopt.cli.estimate import estimate_command
     from lightning_memopt.cli.export import export_command
     from lightning_memopt.cli.predict import predict_command
@@ -32,6 +35,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
         "student": student_command,
         "estimate": estimate_command,
         "predict": predict_command,
+        "compress": compress_command,
     }
 
 

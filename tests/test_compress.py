@@ -1,0 +1,248 @@
+"""`memopt compress`: plans parse into checked stages, stages run in order as `memopt fit` processes, a rerun
+skips finished stages and resumes an interrupted one to the same weights, and a changed plan is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import DDP_TWO_CPUS, MEMOPT, RECIPES, memopt, small_ner_args, subprocess_env
+from safetensors.torch import load_file
+
+from lightning_memopt.compress import PlanError, parse_plan, read_plan
+from lightning_memopt.compress.runner import check_resumable, check_student_layers, stage_overlay
+
+PRUNE_80 = {
+    "class_path": "lightning_memopt.PruningScheduler",
+    "init_args": {
+        "final_sparsity": 0.8,
+        "schedule": "cubic",
+        "start": 0.0,
+        "end": 0.7,
+        "every": 0.01,
+        "scope": "global",
+    },
+}
+STRUCTURED = {
+    "class_path": "lightning_memopt.PruningScheduler",
+    "init_args": {"final_sparsity": 0.5, "structure": "heads"},
+}
+
+
+def prune_stage(name: str = "prune", callback: dict = PRUNE_80, **keys: object) -> dict:
+    return {"name": name, "overlay": {"trainer": {"callbacks+": [callback]}}, **keys}
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "compress").glob("*.yaml")), ids=lambda path: path.stem)
+def test_the_shipped_plans_parse(path: Path) -> None:
+    plan = read_plan(path)
+    assert plan.name == path.stem and plan.final.format == "openvino" and plan.final.int8
+    assert plan.kd == {"alpha": 0.5, "temperature": 2.0}
+    if path.stem.endswith("-small"):
+        assert plan.stages[0].student_layers == (0, 2, 4)
+    else:
+        assert [s.name for s in plan.stages] == ["prune", "rewind"] and plan.stages[1].keep_mask
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"stages": [{"name": "a", "lr": 1}]}, r"plan p, stage 1: unknown key\(s\) \['lr'\]"),
+        ({"stages": [{"name": "a"}, {"name": "a"}]}, "two stages are named 'a'"),
+        ({"stages": [{"name": "final"}]}, "`name` must be a folder-safe word"),
+        ({"stages": [{"name": "s", "student_layers": [2, 0]}]}, "stage s: `student_layers` must be increasing"),
+        ({"stages": [{"name": "s", "start": "dense"}]}, "stage s: `start` is `teacher` or `previous`"),
+        (
+            {"stages": [{"name": "q", "qat": {}}, prune_stage()]},
+            "stage prune: it prunes or cuts layers after stage q trained for int8",
+        ),
+        ({"stages": [{"name": "r", "keep_mask": True}]}, "stage r: `keep_mask` holds the previous stage's"),
+        ({"stages": [prune_stage(shrink=True)]}, "stage prune: `shrink` cuts structurally pruned heads"),
+        (
+            {"stages": [prune_stage(), {"name": "s", "student_layers": [0]}]},
+            "stage s: `student_layers` cuts layers out of stage prune's pruned model",
+        ),
+        (
+            {"stages": [{"name": "s", "overlay": {"model": {"init_args": {"model_name_or_path": "x"}}}}]},
+            "stage s: `overlay` sets the stage's weights",
+        ),
+        ({"stages": [{"name": "s"}], "final": {"format": "tflite"}}, r"final: `format` is one of"),
+        ({"stages": [{"name": "s"}], "kd": {"teacher": "x"}}, "`kd` is a mapping of KnowledgeDistillation options"),
+        ({"stage": []}, r"unknown key\(s\) \['stage'\]"),
+    ],
+)
+def test_a_plan_mistake_is_named_before_anything_runs(raw: dict, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        parse_plan(raw, name="p")
+
+
+def test_a_rewind_stage_keeps_the_previous_stages_sparsity_and_distils_from_the_teacher() -> None:
+    plan = parse_plan(
+        {"kd": {"alpha": 0.9}, "stages": [prune_stage(), {"name": "rewind", "keep_mask": True, "qat": True}]}, "p"
+    )
+    overlay = stage_overlay(plan, 1, "/runs/prune/export", "teacher.ckpt")
+    assert overlay["model"] == {"init_args": {"model_name_or_path": "/runs/prune/export"}}
+    kd, kept, qat = overlay["trainer"]["callbacks+"]
+    assert kd["init_args"] == {"teacher": "teacher.ckpt", "alpha": 0.9}
+    assert kept["init_args"] == {
+        "final_sparsity": 0.8,
+        "schedule": "constant",
+        "start": 0,
+        "scope": "global",
+        "every": 0.01,
+    }
+    assert qat == {"class_path": "lightning_memopt.QuantizationAwareTraining", "init_args": {}}
+    assert plan.start_of(0) == "teacher" and plan.start_of(1) == "prune"
+    undistilled = parse_plan({"stages": [{"name": "s", "distill": False}]}, "p")
+    assert "trainer" not in stage_overlay(undistilled, 0, "t", "t")
+
+
+def test_an_output_folder_of_another_plan_or_a_changed_finished_stage_is_refused(tmp_path: Path) -> None:
+    plan = parse_plan({"stages": [prune_stage(), {"name": "rewind", "keep_mask": True}]}, "sparse")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files but no compress\.json"):
+        check_resumable(plan, {}, tmp_path, None)
+    with pytest.raises(PlanError, match="holds a run of plan 'small', not 'sparse'"):
+        check_resumable(plan, {"plan": {"name": "small"}}, tmp_path, None)
+    changed = {"plan": {"name": "sparse"}, "stages": {"prune": {"state": "done", "fingerprint": "0" * 16}}}
+    with pytest.raises(PlanError, match=r"stage prune: its definition changed.*--restart_from prune"):
+        check_resumable(plan, changed, tmp_path, None)
+    check_resumable(plan, changed, tmp_path, "prune")  # told to train it again
+    same = {
+        "plan": {"name": "sparse"},
+        "stages": {"prune": {"state": "done", "fingerprint": plan.stages[0].fingerprint()}},
+    }
+    check_resumable(plan, same, tmp_path, None)
+
+
+def test_a_student_layer_outside_the_teacher_is_refused(tiny_bert_dir: Path) -> None:
+    plan = parse_plan({"stages": [{"name": "student", "student_layers": [0, 2]}]}, "p")
+    with pytest.raises(
+        PlanError, match=r"stage student: `student_layers` \[0, 2\] names layer 2, but the teacher has 2"
+    ):
+        check_student_layers(plan, str(tiny_bert_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT fine-tuned on the CoNLL slice for 6 steps: the teacher of the end-to-end plans."""
+    root = tmp_path_factory.mktemp("teacher")
+    memopt(
+        [
+            "fit",
+            *small_ner_args(tiny_bert_dir, conll_small, 6),
+            f"--trainer.default_root_dir={root}",
+            f"--checkpoint.dirpath={root}",
+            f"--last_checkpoint.dirpath={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+        ],
+        cwd=root,
+    )
+    return root / "last.ckpt"
+
+
+TWO_STAGES = {
+    "name": "tiny",
+    "kd": {"alpha": 0.5, "temperature": 2.0},
+    "stages": [
+        {"name": "student", "student_layers": [1]},
+        {
+            "name": "prune",
+            "overlay": {
+                "trainer": {
+                    "max_steps": 9,
+                    "callbacks+": [
+                        {
+                            "class_path": "lightning_memopt.PruningScheduler",
+                            "init_args": {
+                                "final_sparsity": 0.5,
+                                "schedule": "cubic",
+                                "start": 0,
+                                "end": 0.5,
+                                "every": 1,
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    ],
+}
+
+
+def compress_args(plan: Path, teacher: Path, out: Path, recipe: list[str]) -> list[str]:
+    return ["compress", "--plan", str(plan), "--teacher", str(teacher), "--output_dir", str(out), *recipe]
+
+
+def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_killed_stage_to_the_same_weights(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tiny_teacher: Path, tmp_path: Path
+) -> None:
+    plan = tmp_path / "tiny.yaml"
+    plan.write_text(yaml.safe_dump(TWO_STAGES))
+    recipe = small_ner_args(tiny_bert_dir, conll_small, 6)
+
+    whole = memopt(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), cwd=tmp_path)
+    state = json.loads((tmp_path / "whole" / "compress.json").read_text())
+    assert [state["stages"][name]["state"] for name in ("student", "prune")] == ["done", "done"]
+    assert state["stages"]["student"]["steps"] == 6 and state["stages"]["prune"]["steps"] == 9
+    assert state["stages"]["prune"]["start"] == "student" and state["stages"]["prune"]["monitor"] == "val_f1"
+    assert state["stages"]["prune"]["params"] == state["stages"]["student"]["params"]
+    assert state["stages"]["student"]["linear_sparsity"] < 0.05 < 0.45 < state["stages"]["prune"]["linear_sparsity"]
+    final = json.loads((tmp_path / "whole" / "final" / "compression.json").read_text())
+    assert final["plan"] == "tiny" and final["weights_bytes"] > 0
+    assert "memopt compress: plan tiny" in whole.stdout and "stage 2/2 prune: done" in whole.stdout
+    student_config = json.loads((tmp_path / "whole" / "student" / "export" / "config.json").read_text())
+    assert student_config["num_hidden_layers"] == 1
+
+    again = memopt(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), cwd=tmp_path)
+    assert again.stdout.count("done before") == 2 and "resuming" not in again.stdout
+
+    killed_args = [*recipe, "--trainer.callbacks+=helpers.trainers.Interrupt", "--trainer.callbacks.step=7"]
+    killed = subprocess.run(
+        [*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args)],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        killed.returncode == 2 and "stage prune failed" in killed.stderr and "rerun the same command" in killed.stderr
+    )
+    assert not (tmp_path / "resumed" / "final").exists()  # an interrupted plan writes no final artefact
+    resumed = memopt(compress_args(plan, tiny_teacher, tmp_path / "resumed", recipe), cwd=tmp_path)
+    assert "stage 1/2 student: done before" in resumed.stdout and "resuming its last.ckpt" in resumed.stdout
+    uninterrupted = load_file(tmp_path / "whole" / "prune" / "export" / "model.safetensors")
+    after_resume = load_file(tmp_path / "resumed" / "prune" / "export" / "model.safetensors")
+    assert uninterrupted.keys() == after_resume.keys()
+    assert all((uninterrupted[k] == after_resume[k]).all() for k in uninterrupted)
+
+    changed = dict(TWO_STAGES, stages=[{"name": "student", "student_layers": [0]}, TWO_STAGES["stages"][1]])
+    plan.write_text(yaml.safe_dump(changed))
+    refused = subprocess.run(
+        [*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe)],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "stage student: its definition changed" in refused.stderr
+
+
+def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tiny_teacher: Path, tmp_path: Path
+) -> None:
+    plan = tmp_path / "student.yaml"
+    plan.write_text(yaml.safe_dump({"name": "student", "stages": [{"name": "student", "student_layers": [0]}]}))
+    recipe = [*small_ner_args(tiny_bert_dir, conll_small, 4), *DDP_TWO_CPUS]
+    memopt(compress_args(plan, tiny_teacher, tmp_path / "out", recipe), cwd=tmp_path)
+    state = json.loads((tmp_path / "out" / "compress.json").read_text())
+    assert state["stages"]["student"]["state"] == "done" and state["stages"]["student"]["steps"] == 4
+    (saved,) = (tmp_path / "out" / "student" / "logs").glob("*/config.yaml")  # what memopt fit ran
+    stage_config = yaml.safe_load(saved.read_text())
+    assert str(stage_config["trainer"]["devices"]) == "2" and "DDPStrategy" in str(stage_config["trainer"]["strategy"])
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
