@@ -246,3 +246,50 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
     stage_config = yaml.safe_load(saved.read_text())
     assert str(stage_config["trainer"]["devices"]) == "2" and "DDPStrategy" in str(stage_config["trainer"]["strategy"])
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lightning_memopt.compress.report import write_report
+
+    state = {
+        "command": "memopt compress --plan p.yaml",
+        "teacher": "teacher.ckpt",
+        "plan": {"name": "sparse"},
+        "teacher_figures": {"monitor": "val_f1", "final": 0.9, "params": 100, "weights_bytes": 2**21},
+        "stages": {
+            "prune": {
+                "state": "done",
+                "start": "teacher",
+                "steps": 4,
+                "monitor": "val_f1",
+                "final": 0.891,
+                "params": 100,
+                "linear_sparsity": 0.8,
+                "weights_bytes": 2**21,
+                "seconds": 3.0,
+            },
+            "rewind": {"state": "running", "start": "prune", "fingerprint": "x"},
+        },
+    }
+    (tmp_path / "compress.json").write_text(json.dumps(state))
+    logs = tmp_path / "prune" / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("epoch,sparsity,step,val_f1\n0,0.4,1,\n0,0.8,3,\n0,,3,0.891\n")
+    (tmp_path / "prune" / "export").mkdir()
+    weight = torch.ones(4, 5)
+    weight[:2] = 0
+    save_file(
+        {"encoder.layer.0.output.dense.weight": weight, "embeddings.word_embeddings.weight": torch.zeros(9, 5)},
+        str(tmp_path / "prune" / "export" / "model.safetensors"),
+    )
+
+    page = write_report(tmp_path).read_text()
+    assert "| prune (done) | teacher | 4 | 0.8910 | 0.990 | 100 | 80% | 2.0 | 3.0 |" in page
+    assert "| teacher |  |  | 0.9000 | 1.000 |" in page and "| rewind (running) | prune |" in page
+    for picture in ("tradeoff.png", "stages.png", "layers.png"):
+        assert f"({picture})" in page and (tmp_path / picture).stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match=r"holds no compress\.json; run memopt compress"):
+        write_report(tmp_path / "prune")

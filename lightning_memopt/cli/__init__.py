@@ -11,6 +11,7 @@ Examples::
     memopt predict --model exported/ner --input news.txt --output news.conll
     memopt compress --plan recipes/compress/ner-small.yaml --teacher runs/ner-conll2003/checkpoints/last.ckpt \
         --output_dir compressed/ner-small --config recipes/ner/conll2003.yaml
+    memopt report compressed/ner-small
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
     from lightning_memopt.cli.estimate import estimate_command
     from lightning_memopt.cli.export import export_command
     from lightning_memopt.cli.predict import predict_command
+    from lightning_memopt.cli.report import report_command
     from lightning_memopt.cli.student import student_command
 
     return {
@@ -36,6 +38,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
         "estimate": estimate_command,
         "predict": predict_command,
         "compress": compress_command,
+        "report": report_command,
     }
 
 

@@ -95,6 +95,16 @@ def teacher_folder(teacher: str, output_dir: Path) -> str:
     return str(folder)
 
 
+def teacher_figures(teacher: str, weights: str) -> dict[str, Any]:
+    """The teacher's last validation score (from its checkpoint), parameters and weights size, as far as known."""
+    figures: dict[str, Any] = {}
+    if Path(teacher).is_file():
+        figures.update(stage_figures(Path(teacher)))
+    if Path(weights).is_dir():
+        figures.update(weight_counts(Path(weights)), weights_bytes=folder_bytes(Path(weights)))
+    return figures
+
+
 def check_student_layers(plan: Plan, start_folder: str) -> None:
     """Every ``student_layers`` index must exist in the teacher's encoder."""
     from transformers import AutoConfig
@@ -232,6 +242,9 @@ def compress(
     save_state(output_dir, state)
     start_weights = teacher_folder(teacher, output_dir)
     check_student_layers(plan, start_weights)
+    if "teacher_figures" not in state:
+        state["teacher_figures"] = teacher_figures(teacher, start_weights)
+        save_state(output_dir, state)
     for index, stage in enumerate(plan.stages):
         recorded = state["stages"].get(stage.name, {})
         progress = f"[memopt compress] stage {index + 1}/{len(plan.stages)} {stage.name}"

@@ -1,0 +1,198 @@
+"""``memopt report D``: a Markdown page with plots of a compression run, from ``D/compress.json`` and the logs.
+
+It reads only what ``memopt compress`` wrote (``compress.json``, each stage's ``logs/*/metrics.csv`` and
+exported weights), so it can be rerun on a finished or half-finished run. Needs matplotlib
+(``pip install 'lightning-memopt[plots]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from lightning_memopt.compress.runner import load_state
+
+REPORT = "report.md"
+
+
+def logged_rows(stage_folder: Path) -> list[dict[str, float]]:
+    """The numeric rows of a stage's CSV logs, oldest version first (a resumed stage has several)."""
+    versions = sorted(
+        (stage_folder / "logs").glob("*/metrics.csv"), key=lambda p: int(p.parent.name.rsplit("_", 1)[-1] or 0)
+    )
+    rows: list[dict[str, float]] = []
+    for path in versions:
+        with path.open(encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                values = {key: float(value) for key, value in row.items() if value not in ("", None)}
+                if "step" in values:
+                    rows.append(values)
+    return rows
+
+
+def series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every row that logged ``key``, the last value per step kept."""
+    by_step = {int(row["step"]): row[key] for row in rows if key in row}
+    return sorted(by_step.items())
+
+
+def layer_sparsity(export: Path) -> dict[str, float]:
+    """Share of zeros in each 2-D non-embedding weight of a model folder's ``model.safetensors``."""
+    from safetensors import safe_open
+
+    shares: dict[str, float] = {}
+    path = export / "model.safetensors"
+    if not path.exists():
+        return shares
+    with safe_open(str(path), "pt") as weights:
+        for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if name.endswith(".weight") and "embeddings" not in name:
+                tensor = weights.get_tensor(name)
+                if tensor.dim() == 2:
+                    shares[name.removesuffix(".weight")] = float((tensor == 0).float().mean())
+    return shares
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("memopt report draws with matplotlib: pip install 'lightning-memopt[plots]'.") from None
+    return plt
+
+
+def plot_tradeoff(state: dict[str, Any], path: Path) -> Path:
+    """Metric against weights on disk for the teacher and each stage (the trade-off curve)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    points = []
+    teacher = state.get("teacher_figures", {})
+    if "final" in teacher and "weights_bytes" in teacher:
+        points.append(("teacher", teacher["weights_bytes"], teacher["final"]))
+    for name, record in state.get("stages", {}).items():
+        if "final" in record and "weights_bytes" in record:
+            points.append((name, record["weights_bytes"], record["final"]))
+    for name, size, score in points:
+        axis.scatter(size / 2**20, score, s=40)
+        axis.annotate(name, (size / 2**20, score), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if len(points) > 1:
+        axis.plot([p[1] / 2**20 for p in points], [p[2] for p in points], color="grey", lw=0.8, ls="--")
+    final = state.get("final", {})
+    if final.get("weights_bytes") and points:
+        axis.axvline(final["weights_bytes"] / 2**20, color="tab:green", lw=1, ls=":")
+        axis.annotate(f"final/ ({final.get('format')})", (final["weights_bytes"] / 2**20, points[-1][2]), fontsize=8)
+    metric = next((r.get("monitor") for r in state.get("stages", {}).values() if r.get("monitor")), "metric")
+    axis.set(xlabel="weights on disk (MiB, float32 stage exports)", ylabel=f"{metric} (validation)", title="Trade-off")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_stages(output_dir: Path, state: dict[str, Any], path: Path) -> Path:
+    """The monitored metric and the sparsity over the whole plan, stages one after another."""
+    plt = _pyplot()
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    offset = 0
+    metric = "metric"
+    for index, (name, record) in enumerate(state.get("stages", {}).items()):
+        rows = logged_rows(output_dir / name)
+        metric = record.get("monitor", metric)
+        scores = series(rows, metric)
+        sparsity = series(rows, "sparsity")
+        if scores:
+            top.plot([offset + s for s, _ in scores], [v for _, v in scores], f"C{index}o-", ms=3, label=name)
+        if sparsity:
+            bottom.plot([offset + s for s, _ in sparsity], [v for _, v in sparsity], f"C{index}.-", label=name)
+        top.axvline(offset, color="grey", lw=0.5)
+        offset += int(record.get("steps", 0))
+    top.set(ylabel=metric, title="Validation metric and sparsity, stage after stage")
+    bottom.set(xlabel="optimizer steps (all stages)", ylabel="sparsity", ylim=(0, 1))
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_layers(shares: dict[str, float], path: Path, stage: str) -> Path:
+    """Each layer's share of zero weights in the last stage's export."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, max(3.0, 0.18 * len(shares))))
+    axis.barh(range(len(shares)), list(shares.values()))
+    axis.set_yticks(range(len(shares)), list(shares), fontsize=6)
+    axis.invert_yaxis()
+    axis.set(xlabel="fraction of zero weights", xlim=(0, 1), title=f"Sparsity per layer after stage {stage}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def stage_rows(state: dict[str, Any]) -> list[str]:
+    """Markdown rows: teacher and each stage with metric, retention, parameters, sparsity, size, steps, time."""
+    teacher = state.get("teacher_figures", {})
+    reference = teacher.get("final")
+    lines = [
+        "| model | from | steps | metric | retention | params | Linear sparsity | weights (MiB) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, record: dict[str, Any]) -> str:
+        score = record.get("final")
+        retention = f"{score / reference:.3f}" if score is not None and reference else ""
+        return (
+            f"| {name} | {record.get('start', '')} | {record.get('steps', '')} | "
+            f"{'' if score is None else f'{score:.4f}'} | {retention} | {record.get('params', 0):,} | "
+            f"{record.get('linear_sparsity', 0):.0%} | {record.get('weights_bytes', 0) / 2**20:.1f} | "
+            f"{record.get('seconds', '')} |"
+        )
+
+    if teacher:
+        lines.append(row("teacher", teacher))
+    for name, record in state.get("stages", {}).items():
+        lines.append(row(f"{name} ({record.get('state')})", record))
+    final = state.get("final")
+    if final:
+        lines.append(f"| final/ ({final['format']}) |  |  |  |  |  |  | {final['weights_bytes'] / 2**20:.1f} |  |")
+    return lines
+
+
+def write_report(output_dir: str | Path) -> Path:
+    """Write ``D/report.md`` and its PNGs; return the page's path."""
+    output_dir = Path(output_dir)
+    state = load_state(output_dir)
+    if not state:
+        raise FileNotFoundError(f"{output_dir} holds no compress.json; run memopt compress --output_dir {output_dir}")
+    plan = state.get("plan", {})
+    lines = [
+        f"# Compression report: plan {plan.get('name')}",
+        "",
+        f"Command: `{state.get('command', '')}`",
+        "",
+        f"Teacher: `{state.get('teacher')}`. Metrics are the validation scores at each stage's last step; "
+        "retention is a stage's score over the teacher's; sizes are the float32 stage exports "
+        "(`D/<stage>/export`) and the shipped `D/final/`.",
+        "",
+        *stage_rows(state),
+        "",
+        f"![trade-off]({plot_tradeoff(state, output_dir / 'tradeoff.png').name})",
+        "",
+        f"![stages]({plot_stages(output_dir, state, output_dir / 'stages.png').name})",
+        "",
+    ]
+    done = [name for name, record in state.get("stages", {}).items() if record.get("state") == "done"]
+    shares = layer_sparsity(output_dir / done[-1] / "export") if done else {}
+    if shares and max(shares.values()) > 0:
+        lines += [f"![layers]({plot_layers(shares, output_dir / 'layers.png', done[-1]).name})", ""]
+    page = output_dir / REPORT
+    page.write_text("\n".join(lines), encoding="utf-8")
+    return page
