@@ -146,6 +146,7 @@ def tiny_teacher(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path_fac
 
 TWO_STAGES = {
     "name": "tiny",
+    "final": {"trim_vocabulary": True, "keep_words": ["zebra"]},
     "kd": {"alpha": 0.5, "temperature": 2.0},
     "stages": [
         {"name": "student", "student_layers": [1]},
@@ -193,6 +194,9 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     assert state["stages"]["student"]["linear_sparsity"] < 0.05 < 0.45 < state["stages"]["prune"]["linear_sparsity"]
     final = json.loads((tmp_path / "whole" / "final" / "compression.json").read_text())
     assert final["plan"] == "tiny" and final["weights_bytes"] > 0
+    assert final["vocabulary"]["before"] == 30522 and final["vocabulary"]["kept"] < 3000  # 160 training sentences
+    final_config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
+    assert final_config["vocab_size"] == final["vocabulary"]["kept"] and final_config["num_hidden_layers"] == 1
     assert "memopt compress: plan tiny" in whole.stdout and "stage 2/2 prune: done" in whole.stdout
     student_config = json.loads((tmp_path / "whole" / "student" / "export" / "config.json").read_text())
     assert student_config["num_hidden_layers"] == 1
@@ -237,7 +241,16 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tiny_teacher: Path, tmp_path: Path
 ) -> None:
     plan = tmp_path / "student.yaml"
-    plan.write_text(yaml.safe_dump({"name": "student", "stages": [{"name": "student", "student_layers": [0]}]}))
+    final = {
+        "format": "openvino",
+        "int8": True,
+        "trim_vocabulary": True,
+        "calibration_sentences": 20,
+        "min_agreement": 0.9,
+    }  # a random tiny model has near-ties
+    plan.write_text(
+        yaml.safe_dump({"name": "student", "stages": [{"name": "student", "student_layers": [0]}], "final": final})
+    )
     recipe = [*small_ner_args(tiny_bert_dir, conll_small, 4), *DDP_TWO_CPUS]
     memopt(compress_args(plan, tiny_teacher, tmp_path / "out", recipe), cwd=tmp_path)
     state = json.loads((tmp_path / "out" / "compress.json").read_text())
@@ -245,7 +258,9 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
     (saved,) = (tmp_path / "out" / "student" / "logs").glob("*/config.yaml")  # what memopt fit ran
     stage_config = yaml.safe_load(saved.read_text())
     assert str(stage_config["trainer"]["devices"]) == "2" and "DDPStrategy" in str(stage_config["trainer"]["strategy"])
-    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    shipped = json.loads((tmp_path / "out" / "final" / "compression.json").read_text())
+    assert shipped["format"] == "openvino-int8" and (tmp_path / "out" / "final" / "openvino_model.xml").exists()
+    assert any("NNCF post-training quantization on 20 calibration sentences" in line for line in shipped["lines"])
 
 
 def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ the teacher's) and what the stage adds::
         student_layers: [0, 2, 4]              # cut a student of these teacher layers from the start weights
         overlay:                               # a LightningCLI overlay, as recipes/*/ overlays
           trainer: {max_epochs: 18}
-    final: {format: openvino, int8: true}      # the deployable artefact, as memopt export writes it
+    final: {format: openvino, int8: true, trim_vocabulary: true}   # the deployable artefact
 
 Stage keys (all optional but ``name``):
 
@@ -79,11 +79,21 @@ class Stage:
 
 @dataclass(frozen=True)
 class FinalExport:
-    """How ``D/final/`` is written from the last stage (the options of ``memopt export``)."""
+    """How ``D/final/`` is written from the last stage.
+
+    ``format``, ``int8`` and ``sparse`` are ``memopt export``'s options; ``trim_vocabulary`` keeps only the word
+    pieces the training data uses (plus ``keep_words``' pieces) in the embeddings and tokenizer;
+    ``calibration_sentences`` training sentences calibrate OpenVINO's int8; ``min_agreement`` is the share of
+    parity positions where an int8 graph must pick the float model's label.
+    """
 
     format: Literal["transformers", "onnx", "openvino"] = "transformers"
     int8: bool = False
     sparse: bool = False
+    trim_vocabulary: bool = False
+    keep_words: tuple[str, ...] = ()
+    calibration_sentences: int = 300
+    min_agreement: float = 0.995
 
 
 @dataclass(frozen=True)
@@ -232,11 +242,16 @@ def parse_plan(raw: Any, name: str = "plan") -> Plan:
         )
     final_raw = raw.get("final") or {}
     if not isinstance(final_raw, dict):
-        raise PlanError(f"plan {name}: `final` is a mapping with `format`, `int8`, `sparse`")
+        raise PlanError(f"plan {name}: `final` is a mapping of {[f.name for f in fields(FinalExport)]}")
     _check_keys(final_raw, {f.name for f in fields(FinalExport)}, f"plan {name}, final")
     if final_raw.get("format", "transformers") not in FORMATS:
         raise PlanError(f"plan {name}, final: `format` is one of {list(FORMATS)}, got {final_raw['format']!r}")
-    plan = Plan(name, parsed, dict(kd), FinalExport(**final_raw))
+    keep = final_raw.get("keep_words", [])
+    if not isinstance(keep, list) or not all(isinstance(word, str) for word in keep):
+        raise PlanError(f"plan {name}, final: `keep_words` is a list of words to keep in the vocabulary, got {keep!r}")
+    if keep and not final_raw.get("trim_vocabulary"):
+        raise PlanError(f"plan {name}, final: `keep_words` only matters with `trim_vocabulary: true`")
+    plan = Plan(name, parsed, dict(kd), FinalExport(**{**final_raw, "keep_words": tuple(keep)}))
     _check_order(plan)
     return plan
 

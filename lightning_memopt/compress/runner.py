@@ -8,6 +8,7 @@ Everything goes under the output folder ``D``::
     D/<stage>/stage.yaml     the overlay memopt compress adds: start weights, KD, kept mask, QAT
     D/<stage>/checkpoints/   the stage's checkpoints; last.ckpt is what the next stage starts from
     D/<stage>/export/        last.ckpt as a model folder (shrunk for `shrink` stages)
+    D/<stage>/trimmed/       the last stage with its vocabulary trimmed (plans with final.trim_vocabulary)
     D/final/                 the deployable artefact (written whole or not at all) with compression.json
 
 Each stage is a separate ``memopt fit`` process with the user's recipe arguments, so strategies, devices and
@@ -30,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from lightning_memopt.compress.final import write_final
 from lightning_memopt.compress.plan import Plan, PlanError, Stage
 from lightning_memopt.core.atomic_io import atomic_folder, atomic_write_text
 from lightning_memopt.core.checkpoints import read_checkpoint
@@ -252,7 +254,9 @@ def compress(
             print(f"{progress}: done before ({_figures_line(recorded)}), skipped", flush=True)
             continue
         run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
-    write_final(plan, output_dir, state)
+    final = write_final(plan, output_dir, state)
+    state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
+    save_state(output_dir, state)
     print(summary_table(plan, state), flush=True)
     return state
 
@@ -312,36 +316,6 @@ def run_stage(
     state["stages"][stage.name] = record
     save_state(output_dir, state)
     print(f"{progress}: done ({_figures_line(record)})", flush=True)
-
-
-def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> None:
-    """Export the last stage as ``D/final`` (whole or not at all) with ``compression.json`` inside."""
-    from lightning_memopt.deploy.export import export_checkpoint
-
-    last_stage = plan.stages[-1]
-    last = output_dir / last_stage.name / "checkpoints" / "last.ckpt"
-    final = plan.final
-    with atomic_folder(output_dir / "final", overwrite=True) as work:
-        result = export_checkpoint(
-            last,
-            work,
-            int8=final.int8,
-            sparse=final.sparse,
-            shrink=last_stage.shrink,
-            format=final.format,
-            overwrite=True,
-        )
-        weights = sum(p.stat().st_size for p in work.iterdir() if p.suffix in (".safetensors", ".onnx", ".bin"))
-        record = {
-            "format": result.manifest.get("format"),
-            "weights_bytes": weights,
-            "lines": result.lines,
-            "stages": {name: state["stages"][name] for name in (s.name for s in plan.stages)},
-            "plan": plan.name,
-        }
-        (work / "compression.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    state["final"] = {key: record[key] for key in ("format", "weights_bytes")}
-    save_state(output_dir, state)
 
 
 def _figures_line(record: dict[str, Any]) -> str:

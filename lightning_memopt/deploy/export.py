@@ -134,20 +134,74 @@ def export_checkpoint(
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
     meta = read_checkpoint(ckpt_path, tensors=False)  # everything but the weights: task, QAT state
     model, tokenizer_source, model_prefix = model_of(ckpt_path, meta, model_source, prefix)
+    source = {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)}
+    options = ExportOptions(format, int8, sparse, shrink, min_agreement, calibration)
+    return write_export(
+        model, tokenizer_source, model_prefix, checkpoint_qat_state(meta), source, output_dir, options, overwrite
+    )
+
+
+def export_folder(
+    model_folder: str | Path,
+    output_dir: str | Path,
+    *,
+    int8: bool = False,
+    sparse: bool = False,
+    overwrite: bool = False,
+    format: str = "transformers",
+    min_agreement: float = 0.995,
+    calibration: list[str] | None = None,
+) -> ExportResult:
+    """Write the model of an exported folder (shrunk or vocabulary-trimmed included) in ``format``.
+
+    The options are :func:`export_checkpoint`'s; a folder holds no QAT state, so ``int8`` is post-training.
+    """
+    from lightning_memopt.deploy.load import load_pretrained
+
+    check_flags(int8, sparse, False, format)
+    model = load_pretrained(model_folder)
+    source = {"folder": str(Path(model_folder).resolve())}
+    options = ExportOptions(format, int8, sparse, False, min_agreement, calibration)
+    return write_export(model, str(model_folder), "", None, source, output_dir, options, overwrite)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes (see :func:`export_checkpoint`)."""
+
+    format: str = "transformers"
+    int8: bool = False
+    sparse: bool = False
+    shrink: bool = False
+    min_agreement: float = 0.995
+    calibration: list[str] | None = None
+
+
+def write_export(
+    model: nn.Module,
+    tokenizer_source: str,
+    model_prefix: str,
+    qat_state: dict[str, Any] | None,
+    source: dict[str, str],
+    output_dir: str | Path,
+    options: ExportOptions,
+    overwrite: bool,
+) -> ExportResult:
+    """Write ``model`` to ``output_dir`` whole, as ``options`` say, with a manifest naming ``source``."""
+    format, int8, sparse, shrink = options.format, options.int8, options.sparse, options.shrink
     lines: list[str] = []
     with atomic_folder(output_dir, overwrite) as folder:
         extra: dict[str, Any] = {}
         if format in ("onnx", "openvino"):
             extra["parity"] = _write_graph_folder(
-                model, tokenizer_source, folder, format, int8, shrink, lines, min_agreement, calibration
+                model, tokenizer_source, folder, format, int8, shrink, lines, options.min_agreement, options.calibration
             )
         elif int8:
-            state = checkpoint_qat_state(meta)
-            names = convert_with_qat_state(model, state, prefix=model_prefix)
-            if state is None:
+            names = convert_with_qat_state(model, qat_state, prefix=model_prefix)
+            if qat_state is None:
                 how = "post-training dynamic quantization (no QAT state in the checkpoint)"
             else:
-                how = f"QAT layers{' with frozen weight scales' if state['frozen_scales'] else ''}"
+                how = f"QAT layers{' with frozen weight scales' if qat_state['frozen_scales'] else ''}"
             report = save_int8(model, folder, tokenizer_source)
             lines.append(
                 f"int8 {type(model).__name__}: {len(names)} Linear layers from {how}; their weights take "
@@ -176,7 +230,7 @@ def export_checkpoint(
             "format": format_name(format, int8),
             "sparse": sparse,
             "shrink": shrink,
-            "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)},
+            "source": source,
             "model": {"class": type(model).__name__, "from": tokenizer_source, "prefix": model_prefix},
             **provenance(),
             **extra,

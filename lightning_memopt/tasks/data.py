@@ -288,6 +288,16 @@ class TransformerDataModule(LightningDataModule):
             raise ValueError(f"No {split} data: set --data.{option}_file.")
         return examples[:limit] if limit else examples
 
+    def split_texts(self, split: str = "train") -> list[str]:
+        """The plain texts of a split: sentences as their words joined by spaces, text pairs as two texts."""
+        texts: list[str] = []
+        for example in self.read_split(split):
+            if isinstance(example, TaggedSentence):
+                texts.append(" ".join(example.tokens))
+            else:
+                texts += [example.text] + ([example.text_pair] if example.text_pair else [])
+        return texts
+
     def read_file(self, path: str) -> list[Any]:
         raise NotImplementedError
 
