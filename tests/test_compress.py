@@ -40,11 +40,13 @@ def prune_stage(name: str = "prune", callback: dict = PRUNE_80, **keys: object) 
 def test_the_shipped_plans_parse(path: Path) -> None:
     plan = read_plan(path)
     assert plan.name == path.stem and plan.final.format == "openvino" and plan.final.int8
-    assert plan.kd == {"alpha": 0.5, "temperature": 2.0}
-    if path.stem.endswith("-small"):
-        assert plan.stages[0].student_layers == (0, 2, 4)
-    else:
+    assert plan.final.trim_vocabulary and plan.kd == {"alpha": 0.5, "temperature": 2.0}
+    if path.stem.endswith("-sparse"):
         assert [s.name for s in plan.stages] == ["prune", "rewind"] and plan.stages[1].keep_mask
+    else:
+        assert plan.stages[0].student_layers == (0, 2, 4)
+    if path.stem.endswith("-tiny"):
+        assert plan.stages[1].shrink and plan.start_of(1) == "student"
 
 
 @pytest.mark.parametrize(
@@ -61,6 +63,10 @@ def test_the_shipped_plans_parse(path: Path) -> None:
         ),
         ({"stages": [{"name": "r", "keep_mask": True}]}, "stage r: `keep_mask` holds the previous stage's"),
         ({"stages": [prune_stage(shrink=True)]}, "stage prune: `shrink` cuts structurally pruned heads"),
+        (
+            {"stages": [prune_stage(callback=STRUCTURED, shrink=True), {"name": "next"}]},
+            "stage prune: `shrink` cuts attention heads, and stage next would train from that model",
+        ),
         (
             {"stages": [prune_stage(), {"name": "s", "student_layers": [0]}]},
             "stage s: `student_layers` cuts layers out of stage prune's pruned model",

@@ -207,6 +207,13 @@ def _check_order(plan: Plan) -> None:
                 f"{where}: `shrink` cuts structurally pruned heads and neurons out, but the stage adds no "
                 "PruningScheduler with a `structure`; remove `shrink` or prune structurally"
             )
+        later_starts = [i for i in range(index + 1, len(plan.stages)) if plan.start_of(i) == stage.name]
+        if stage.shrink and structure != "neurons" and later_starts:
+            raise PlanError(
+                f"{where}: `shrink` cuts attention heads, and stage {plan.stages[later_starts[0]].name} would train "
+                "from that model, which the task modules cannot load yet; shrink in the last stage, or prune "
+                "`structure: neurons` only"
+            )
         if stage.student_layers and index and plan.start_of(index) != "teacher" and pruned_by is not None:
             raise PlanError(
                 f"{where}: `student_layers` cuts layers out of stage {pruned_by.name}'s pruned model; cut the student "
