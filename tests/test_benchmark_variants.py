@@ -89,3 +89,33 @@ def test_budget_label_and_callback_options_come_from_the_file(tmp_path: Path) ->
     assert variant.options("PruningScheduler") is None
     assert "benchmark" not in yaml.safe_load(variant.config_file(tmp_path / "run").read_text())
     assert Variant("dense").config_file(tmp_path / "dense").read_text() == "{}\n"
+
+
+def test_the_compress_page_checks_each_plan_against_its_aims() -> None:
+    from compress import render
+
+    def result(score: float, size: float, speed: float, vs_int8: float, cost: float | None = None) -> dict:
+        figures = {"score": score, "retention": round(score / 0.9, 4), "size_ratio": size, "weights_bytes": size * 9e7,
+                   "latency_ms": {"8x128": 100 / speed}, "speedup": {"8x128": speed, "1x128": speed},
+                   "speedup_vs_dense_int8": {"8x128": vs_int8, "1x128": vs_int8}}  # fmt: skip
+        return figures | ({"cost": cost} if cost is not None else {})
+
+    payload = {
+        "command": "python benchmarks/compress.py",
+        "machine": "m",
+        "cpu_flags": ["avx512_vnni"],
+        "date": "d",
+        "teacher": "t",
+        "budget": 600,
+        "results": {
+            "dense": result(0.9, 1.0, 1.0, 0.3),
+            "dense OpenVINO int8": result(0.897, 0.25, 3.1, 1.0),
+            "ner-sparse": result(0.8955, 0.2, 3.0, 0.97, cost=3.0),
+        },
+    }
+    page = "\n".join(render(payload))
+    assert "| ner-sparse | ner-sparse: retention >= 0.99 | 0.995 | yes |" in page
+    assert "| ner-sparse | oBERT-class, any NER plan: size_ratio <= 0.1 | 0.2 | no |" in page
+    assert "| ner-sparse | oBERT-class, any NER plan: cost <= 4.0 | 3.0 | yes |" in page
+    assert "| dense |" in page and "| dense | oBERT" not in page  # baselines are not held to the aims
+    assert "CPU flags: avx512_vnni" in page

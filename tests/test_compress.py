@@ -49,6 +49,14 @@ def test_the_shipped_plans_parse(path: Path) -> None:
         assert plan.stages[1].shrink and plan.start_of(1) == "student"
 
 
+def test_the_readme_plan_parses() -> None:
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```yaml")[1:] if b.lstrip().startswith("name: my-plan"))
+    plan = parse_plan(yaml.safe_load(block.split("```")[0]), "readme")
+    assert [s.name for s in plan.stages] == ["student", "prune", "rewind"] and plan.final.keep_words == ("COVID-19",)
+    assert plan.stages[2].keep_mask and plan.stages[2].qat == {}
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
