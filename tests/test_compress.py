@@ -212,6 +212,7 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     final_config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
     assert final_config["vocab_size"] == final["vocabulary"]["kept"] and final_config["num_hidden_layers"] == 1
     assert "memopt compress: plan tiny" in whole.stdout and "stage 2/2 prune: done" in whole.stdout
+    assert set(state["latency_ms"]["8x128"]) == {"teacher", "student", "prune", "final"}
     student_config = json.loads((tmp_path / "whole" / "student" / "export" / "config.json").read_text())
     assert student_config["num_hidden_layers"] == 1
 
@@ -303,6 +304,7 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
             "rewind": {"state": "running", "start": "prune", "fingerprint": "x"},
         },
     }
+    state["latency_ms"] = {"8x128": {"teacher": 50.0, "prune": 40.0}}
     (tmp_path / "compress.json").write_text(json.dumps(state))
     logs = tmp_path / "prune" / "logs" / "version_0"
     logs.mkdir(parents=True)
@@ -316,7 +318,7 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
     )
 
     page = write_report(tmp_path).read_text()
-    assert "| prune (done) | teacher | 4 | 0.8910 | 0.990 | 100 | 80% | 2.0 | 3.0 |" in page
+    assert "| prune (done) | teacher | 4 | 0.8910 | 0.990 | 100 | 80% | 2.0 | 40.0 | 3.0 |" in page
     assert "| teacher |  |  | 0.9000 | 1.000 |" in page and "| rewind (running) | prune |" in page
     for picture in ("tradeoff.png", "stages.png", "layers.png"):
         assert f"({picture})" in page and (tmp_path / picture).stat().st_size > 10_000

@@ -65,29 +65,40 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_tradeoff(state: dict[str, Any], path: Path) -> Path:
-    """Metric against weights on disk for the teacher and each stage (the trade-off curve)."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+def tradeoff_points(state: dict[str, Any]) -> list[tuple[str, float, float | None, float]]:
+    """``(name, MiB, ms at 8 x 128 or None, metric)`` for the teacher, each stage and final/.
+
+    final/ is drawn at its last stage's validation metric (the export itself is checked for parity, not scored).
+    """
+    latency = (state.get("latency_ms") or {}).get("8x128", {})
     points = []
-    teacher = state.get("teacher_figures", {})
-    if "final" in teacher and "weights_bytes" in teacher:
-        points.append(("teacher", teacher["weights_bytes"], teacher["final"]))
-    for name, record in state.get("stages", {}).items():
+    records = {"teacher": state.get("teacher_figures", {}), **state.get("stages", {})}
+    for name, record in records.items():
         if "final" in record and "weights_bytes" in record:
-            points.append((name, record["weights_bytes"], record["final"]))
-    for name, size, score in points:
-        axis.scatter(size / 2**20, score, s=40)
-        axis.annotate(name, (size / 2**20, score), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if len(points) > 1:
-        axis.plot([p[1] / 2**20 for p in points], [p[2] for p in points], color="grey", lw=0.8, ls="--")
+            points.append((name, record["weights_bytes"] / 2**20, latency.get(name), record["final"]))
     final = state.get("final", {})
     if final.get("weights_bytes") and points:
-        axis.axvline(final["weights_bytes"] / 2**20, color="tab:green", lw=1, ls=":")
-        axis.annotate(f"final/ ({final.get('format')})", (final["weights_bytes"] / 2**20, points[-1][2]), fontsize=8)
+        points.append(("final/", final["weights_bytes"] / 2**20, latency.get("final"), points[-1][3]))
+    return points
+
+
+def plot_tradeoff(state: dict[str, Any], path: Path) -> Path:
+    """Metric against weights on disk and against CPU latency, for the teacher, each stage and final/."""
+    plt = _pyplot()
+    points = tradeoff_points(state)
+    timed = [p for p in points if p[2] is not None]
+    figure, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 6.5, 4.5), squeeze=False)
     metric = next((r.get("monitor") for r in state.get("stages", {}).values() if r.get("monitor")), "metric")
-    axis.set(xlabel="weights on disk (MiB, float32 stage exports)", ylabel=f"{metric} (validation)", title="Trade-off")
-    axis.grid(alpha=0.3)
+    panels = [(axes[0][0], points, 1, "weights on disk (MiB)")]
+    if timed:
+        panels.append((axes[0][1], timed, 2, "CPU latency, batch 8 x 128, 2 threads (ms)"))
+    for axis, shown, column, label in panels:
+        for index, point in enumerate(shown):
+            axis.scatter(point[column], point[3], s=40, color=f"C{index}")
+            axis.annotate(point[0], (point[column], point[3]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axis.set(xlabel=label, ylabel=f"{metric} (validation)")
+        axis.grid(alpha=0.3)
+    figure.suptitle("Trade-off (final/ drawn at its last stage's metric)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -142,27 +153,30 @@ def stage_rows(state: dict[str, Any]) -> list[str]:
     teacher = state.get("teacher_figures", {})
     reference = teacher.get("final")
     lines = [
-        "| model | from | steps | metric | retention | params | Linear sparsity | weights (MiB) | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | from | steps | metric | retention | params | Linear sparsity | weights (MiB) | ms, 8 x 128 "
+        "| train seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    latency = (state.get("latency_ms") or {}).get("8x128", {})
 
-    def row(name: str, record: dict[str, Any]) -> str:
+    def row(name: str, record: dict[str, Any], key: str) -> str:
         score = record.get("final")
         retention = f"{score / reference:.3f}" if score is not None and reference else ""
         return (
             f"| {name} | {record.get('start', '')} | {record.get('steps', '')} | "
             f"{'' if score is None else f'{score:.4f}'} | {retention} | {record.get('params', 0):,} | "
             f"{record.get('linear_sparsity', 0):.0%} | {record.get('weights_bytes', 0) / 2**20:.1f} | "
-            f"{record.get('seconds', '')} |"
+            f"{latency.get(key, '')} | {record.get('seconds', '')} |"
         )
 
     if teacher:
-        lines.append(row("teacher", teacher))
+        lines.append(row("teacher", teacher, "teacher"))
     for name, record in state.get("stages", {}).items():
-        lines.append(row(f"{name} ({record.get('state')})", record))
+        lines.append(row(f"{name} ({record.get('state')})", record, name))
     final = state.get("final")
     if final:
-        lines.append(f"| final/ ({final['format']}) |  |  |  |  |  |  | {final['weights_bytes'] / 2**20:.1f} |  |")
+        size = f"{final['weights_bytes'] / 2**20:.1f}"
+        lines.append(f"| final/ ({final['format']}) |  |  |  |  |  |  | {size} | {latency.get('final', '')} |  |")
     return lines
 
 
@@ -180,7 +194,8 @@ def write_report(output_dir: str | Path) -> Path:
         "",
         f"Teacher: `{state.get('teacher')}`. Metrics are the validation scores at each stage's last step; "
         "retention is a stage's score over the teacher's; sizes are the float32 stage exports "
-        "(`D/<stage>/export`) and the shipped `D/final/`.",
+        "(`D/<stage>/export`) and the shipped `D/final/`; latency is the median of interleaved calls at the end "
+        "of the run (stages on torch, final/ on its own runtime).",
         "",
         *stage_rows(state),
         "",

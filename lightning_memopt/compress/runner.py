@@ -256,6 +256,7 @@ def compress(
         run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
     final = write_final(plan, output_dir, state)
     state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
+    state["latency_ms"] = record_latency(plan, output_dir, start_weights)
     save_state(output_dir, state)
     print(summary_table(plan, state), flush=True)
     return state
@@ -316,6 +317,17 @@ def run_stage(
     state["stages"][stage.name] = record
     save_state(output_dir, state)
     print(f"{progress}: done ({_figures_line(record)})", flush=True)
+
+
+def record_latency(plan: Plan, output_dir: Path, teacher_weights: str) -> dict[str, dict[str, float]]:
+    """Batch 8 x 128 and 1 x 128 latency of the teacher, each stage's export (torch) and final/ (its runtime)."""
+    from lightning_memopt.deploy.latency import median_latency_ms
+
+    folders = {"teacher": Path(teacher_weights)} if Path(teacher_weights).is_dir() else {}
+    folders |= {stage.name: output_dir / stage.name / "export" for stage in plan.stages}
+    folders["final"] = output_dir / "final"
+    print("[memopt compress] timing the teacher, the stages and final/ (2 threads)", flush=True)
+    return {f"{size}x128": median_latency_ms(folders, size=size) for size in (8, 1)}
 
 
 def _figures_line(record: dict[str, Any]) -> str:
