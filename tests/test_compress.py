@@ -4,7 +4,9 @@ skips finished stages and resumes an interrupted one to the same weights, and a 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,47 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
         assert f"({picture})" in page and (tmp_path / picture).stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match=r"holds no compress\.json; run memopt compress"):
         write_report(tmp_path / "prune")
+
+
+def test_a_plan_runs_on_two_nodes_under_torchrun_with_rank_0_writing(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tiny_teacher: Path, tmp_path: Path
+) -> None:
+    plan = tmp_path / "two.yaml"
+    two = {"name": "two", "stages": [{"name": "student", "student_layers": [0]}, {"name": "again", "distill": False}]}
+    plan.write_text(yaml.safe_dump(two))
+    recipe = [*small_ner_args(tiny_bert_dir, conll_small, 4), "--config", str(RECIPES / "strategies/multi-node.yaml")]
+    recipe += ["--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.accelerator=cpu"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launchers = []
+    for node_rank in (0, 1):
+        (tmp_path / f"node{node_rank}").mkdir()
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+        torchrun += [f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        command = [
+            *torchrun,
+            "-m",
+            "lightning_memopt.cli",
+            *compress_args(plan, tiny_teacher, tmp_path / "out", recipe),
+        ]
+        launchers.append(
+            subprocess.Popen(
+                command,
+                cwd=tmp_path / f"node{node_rank}",
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [launcher.communicate(timeout=400)[0] for launcher in launchers]
+    for launcher, output in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, output[-5000:]
+    state = json.loads((tmp_path / "out" / "compress.json").read_text())
+    assert [state["stages"][name]["steps"] for name in ("student", "again")] == [4, 4]
+    for name in ("student", "again"):
+        (saved,) = (tmp_path / "out" / name / "logs").glob("*/config.yaml")
+        assert str(yaml.safe_load(saved.read_text())["trainer"]["num_nodes"]) == "2"
+    assert "memopt compress: plan two" in outputs[0] and "memopt compress: plan two" not in outputs[1]
+    assert (tmp_path / "out" / "final" / "compression.json").exists()

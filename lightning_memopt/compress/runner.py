@@ -12,19 +12,21 @@ Everything goes under the output folder ``D``::
     D/final/                 the deployable artefact (written whole or not at all) with compression.json
 
 Each stage is a separate ``memopt fit`` process with the user's recipe arguments, so strategies, devices and
-nodes behave exactly as in ``memopt fit``. Rerunning the same command skips finished stages and resumes an
-interrupted one from its ``last.ckpt``.
+nodes behave exactly as in ``memopt fit``. Under torchrun (several nodes) every rank runs ``memopt compress``;
+rank 0 writes everything under ``D`` (which must be shared storage) and the other ranks train each stage with
+it. Rerunning the same command skips finished stages and resumes an interrupted one from its ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,9 @@ def compress(
     output_dir = Path(output_dir).resolve()
     if restart_from is not None:
         plan.stage(restart_from)  # a clear error for an unknown name
+    if launch_rank() != 0:
+        follow_stages(plan, output_dir, recipe_args, restart_from)
+        return load_state(output_dir)
     state = load_state(output_dir)
     check_resumable(plan, state, output_dir, restart_from)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +255,7 @@ def compress(
     for index, stage in enumerate(plan.stages):
         recorded = state["stages"].get(stage.name, {})
         progress = f"[memopt compress] stage {index + 1}/{len(plan.stages)} {stage.name}"
-        if recorded.get("state") == DONE and (output_dir / stage.name / "export" / "config.json").exists():
+        if is_done(recorded, output_dir / stage.name):
             print(f"{progress}: done before ({_figures_line(recorded)}), skipped", flush=True)
             continue
         run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
@@ -260,6 +265,58 @@ def compress(
     save_state(output_dir, state)
     print(summary_table(plan, state), flush=True)
     return state
+
+
+def is_done(recorded: dict[str, Any], folder: Path) -> bool:
+    """Whether a stage finished in an earlier run: recorded as done, its export in place."""
+    return recorded.get("state") == DONE and (folder / "export" / "config.json").exists()
+
+
+def launch_rank() -> int:
+    """This process's global rank when torchrun started it (``RANK``), else 0. Only rank 0 writes under D."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def stage_env(index: int) -> dict[str, str] | None:
+    """Under torchrun, each stage's ``memopt fit`` processes meet on a port of their own (``MASTER_PORT`` + 1 +
+    the stage's index) with a store of their own, so no stage finds the keys an earlier one left in torchrun's."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    return os.environ | {
+        "MASTER_PORT": str(int(os.environ["MASTER_PORT"]) + 1 + index),
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout: float = 1800.0) -> None:
+    """Poll ``ready`` every second; a clear error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}; see rank 0's output for why it did not come.")
+        time.sleep(1.0)
+
+
+def follow_stages(plan: Plan, output_dir: Path, recipe_args: Sequence[str], restart_from: str | None) -> None:
+    """A torchrun rank other than 0: train every stage rank 0 trains, in step with it, writing nothing under D."""
+    names = [stage.name for stage in plan.stages]
+    restarted = set(names[names.index(restart_from) :]) if restart_from else set()
+    recorded = load_state(output_dir).get("stages", {})
+    for index, stage in enumerate(plan.stages):
+        folder = output_dir / stage.name
+        if stage.name not in restarted and is_done(recorded.get(stage.name, {}), folder):
+            continue
+        wait_until((folder / "stage.yaml").exists, f"rank 0 to prepare stage {stage.name}")
+        args = [sys.executable, "-m", "lightning_memopt.cli", *fit_args(stage, folder, recipe_args)]
+        code = subprocess.run(args, check=False, env=stage_env(index)).returncode
+        if code != 0:
+            raise StageFailed(f"stage {stage.name} failed on rank {launch_rank()} (memopt fit exited with {code}).")
+
+        def exported(name: str = stage.name, fingerprint: str = stage.fingerprint()) -> bool:
+            record = load_state(output_dir).get("stages", {}).get(name, {})
+            return record.get("state") == DONE and record.get("fingerprint") == fingerprint
+
+        wait_until(exported, f"rank 0 to export stage {stage.name}")
 
 
 def run_stage(
@@ -292,7 +349,7 @@ def run_stage(
     save_state(output_dir, state)
     started = time.perf_counter()
     args = [sys.executable, "-m", "lightning_memopt.cli", *fit_args(stage, folder, recipe_args)]
-    code = subprocess.run(args, check=False).returncode
+    code = subprocess.run(args, check=False, env=stage_env(index)).returncode
     seconds = round(time.perf_counter() - started, 1)
     last = folder / "checkpoints" / "last.ckpt"
     if code != 0 or not last.exists():
