@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DDP_TWO_CPUS, MEMOPT, RECIPES, memopt, small_ner_args, subprocess_env
+from helpers import DDP_TWO_CPUS, MEMOPT, NER, RECIPES, SST2, memopt, save_tiny_bert, small_ner_args, subprocess_env
 from safetensors.torch import load_file
+from transformers import BertForTokenClassification
 
 from lightning_memopt.compress import PlanError, parse_plan, read_plan
-from lightning_memopt.compress.runner import check_resumable, check_student_layers, stage_overlay
+from lightning_memopt.compress.runner import check_resumable, check_teacher, stage_overlay
 
 PRUNE_80 = {
     "class_path": "lightning_memopt.PruningScheduler",
@@ -134,12 +135,15 @@ def test_an_output_folder_of_another_plan_or_a_changed_finished_stage_is_refused
     check_resumable(plan, same, tmp_path, None)
 
 
-def test_a_student_layer_outside_the_teacher_is_refused(tiny_bert_dir: Path) -> None:
+def test_a_student_layer_outside_the_teacher_or_a_teacher_of_another_task_is_refused(tmp_path: Path) -> None:
+    tagger = save_tiny_bert(tmp_path / "tagger", BertForTokenClassification, num_labels=3)
     plan = parse_plan({"stages": [{"name": "student", "student_layers": [0, 2]}]}, "p")
-    with pytest.raises(
-        PlanError, match=r"stage student: `student_layers` \[0, 2\] names layer 2, but the teacher has 2"
-    ):
-        check_student_layers(plan, str(tiny_bert_dir))
+    with pytest.raises(PlanError, match=r"`student_layers` \[0, 2\] names layer 2, but the teacher has 2 layers"):
+        check_teacher(plan, str(tagger), NER)
+    fine = parse_plan({"stages": [{"name": "student", "student_layers": [0, 1]}]}, "p")
+    check_teacher(fine, str(tagger), NER)
+    with pytest.raises(PlanError, match="holds a BertForTokenClassification, but the recipe trains a SequenceClassif"):
+        check_teacher(fine, str(tagger), SST2)
 
 
 @pytest.fixture(scope="module")

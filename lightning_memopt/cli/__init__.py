@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from lightning_memopt.cli.console import exit_with_user_error, take_console_flags
 from lightning_memopt.cli.fit import MemoptCLI, run_cli
+from lightning_memopt.core.recipes import recipe_classes
 
 
 def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
@@ -61,27 +61,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as error:
         exit_with_user_error(error)
         raise
-
-
-def recipe_classes(argv: Sequence[str]) -> dict[str, str]:
-    """The model and data classes the ``--config`` files name (the last one wins), or the NER task's."""
-    import yaml
-
-    found = {
-        "model": "lightning_memopt.TokenClassificationModule",
-        "data": "lightning_memopt.TokenClassificationDataModule",
-    }
-    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
-    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-    for path in configs:
-        try:
-            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        for key in found:
-            class_path = (recipe.get(key) or {}).get("class_path") if isinstance(recipe.get(key), dict) else None
-            found[key] = class_path or found[key]
-    return found
 
 
 def print_fit_help(argv: Sequence[str]) -> None:

@@ -109,14 +109,28 @@ def teacher_figures(teacher: str, weights: str) -> dict[str, Any]:
     return figures
 
 
-def check_student_layers(plan: Plan, start_folder: str) -> None:
-    """Every ``student_layers`` index must exist in the teacher's encoder."""
+TASK_HEADS = {
+    "TokenClassificationModule": "ForTokenClassification",
+    "SequenceClassificationModule": "ForSequenceClassification",
+}
+
+
+def check_teacher(plan: Plan, start_folder: str, recipe_args: Sequence[str]) -> None:
+    """Before any training: the teacher has the recipe's kind of head, and every ``student_layers`` index."""
     from transformers import AutoConfig
 
+    from lightning_memopt.core.recipes import recipe_classes
     from lightning_memopt.core.sources import resolve_pretrained
     from lightning_memopt.distillation.teacher import layer_count
 
     config = AutoConfig.from_pretrained(resolve_pretrained(start_folder), trust_remote_code=False)
+    module = recipe_classes(recipe_args)["model"].rsplit(".", 1)[-1]
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if module in TASK_HEADS and architecture and not architecture.endswith(TASK_HEADS[module]):
+        raise PlanError(
+            f"--teacher holds a {architecture}, but the recipe trains a {module} ({TASK_HEADS[module][3:]}); give a "
+            "teacher fine-tuned on this task, or the recipe of the teacher's task."
+        )
     counted = layer_count(config)
     for stage in plan.stages:
         if stage.student_layers and counted and max(stage.student_layers) >= counted[1]:
@@ -248,7 +262,7 @@ def compress(
         state.pop("final", None)
     save_state(output_dir, state)
     start_weights = teacher_folder(teacher, output_dir)
-    check_student_layers(plan, start_weights)
+    check_teacher(plan, start_weights, recipe_args)
     if "teacher_figures" not in state:
         state["teacher_figures"] = teacher_figures(teacher, start_weights)
         save_state(output_dir, state)
