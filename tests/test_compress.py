@@ -282,6 +282,18 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
     shipped = json.loads((tmp_path / "out" / "final" / "compression.json").read_text())
     assert shipped["format"] == "openvino-int8" and (tmp_path / "out" / "final" / "openvino_model.xml").exists()
     assert any("NNCF post-training quantization on 20 calibration sentences" in line for line in shipped["lines"])
+    import openvino as ov
+
+    vocab = json.loads((tmp_path / "out" / "final" / "config.json").read_text())["vocab_size"]
+    assert vocab == shipped["vocabulary"]["kept"] < 3000
+    graph = ov.Core().read_model(tmp_path / "out" / "final" / "openvino_model.xml")
+    constants = [op for op in graph.get_ops() if op.get_type_name() == "Constant"]
+    by_vocab = {
+        (tuple(op.get_output_partial_shape(0).to_shape()), str(op.get_output_element_type(0)))
+        for op in constants
+        if list(op.get_output_partial_shape(0).to_shape())[:1] == [vocab]
+    }
+    assert by_vocab == {((vocab, 32), "<Type: 'int8_t'>"), ((vocab, 1), "<Type: 'float32'>")}  # int8, a scale per row
 
 
 def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path) -> None:
