@@ -300,12 +300,12 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
     import torch
     from safetensors.torch import save_file
 
-    from lightning_memopt.compress.report import write_report
+    from lightning_memopt.compress.report import kept_units, write_report
 
     state = {
         "command": "memopt compress --plan p.yaml",
         "teacher": "teacher.ckpt",
-        "plan": {"name": "sparse"},
+        "plan": {"name": "sparse", "stages": [{"name": "prune", "shrink": True}, {"name": "rewind"}]},
         "teacher_figures": {"monitor": "val_f1", "final": 0.9, "params": 100, "weights_bytes": 2**21},
         "stages": {
             "prune": {
@@ -330,15 +330,27 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
     (tmp_path / "prune" / "export").mkdir()
     weight = torch.ones(4, 5)
     weight[:2] = 0
+    shrunk = {  # layer 0 keeps 2 of 4 heads (head size 8) and 20 neurons, layer 1 all heads and 37
+        "encoder.layer.0.attention.self.query.weight": torch.ones(16, 32),
+        "encoder.layer.0.intermediate.dense.weight": torch.ones(20, 32),
+        "encoder.layer.1.attention.self.query.weight": torch.ones(32, 32),
+        "encoder.layer.1.intermediate.dense.weight": torch.ones(37, 32),
+    }
     save_file(
-        {"encoder.layer.0.output.dense.weight": weight, "embeddings.word_embeddings.weight": torch.zeros(9, 5)},
+        {
+            "encoder.layer.0.output.dense.weight": weight,
+            "embeddings.word_embeddings.weight": torch.zeros(9, 5),
+            **shrunk,
+        },
         str(tmp_path / "prune" / "export" / "model.safetensors"),
     )
+    (tmp_path / "prune" / "export" / "config.json").write_text('{"hidden_size": 32, "num_attention_heads": 4}')
+    assert kept_units(tmp_path / "prune" / "export") == {0: (2, 20), 1: (4, 37)}
 
     page = write_report(tmp_path).read_text()
     assert "| prune (done) | teacher | 4 | 0.8910 | 0.990 | 100 | 80% | 2.0 | 40.0 | 3.0 |" in page
     assert "| teacher |  |  | 0.9000 | 1.000 |" in page and "| rewind (running) | prune |" in page
-    for picture in ("tradeoff.png", "stages.png", "layers.png"):
+    for picture in ("tradeoff.png", "stages.png", "layers.png", "units.png"):
         assert f"({picture})" in page and (tmp_path / picture).stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match=r"holds no compress\.json; run memopt compress"):
         write_report(tmp_path / "prune")

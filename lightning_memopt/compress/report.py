@@ -54,6 +54,47 @@ def layer_sparsity(export: Path) -> dict[str, float]:
     return shares
 
 
+def kept_units(export: Path) -> dict[int, tuple[int, int]]:
+    """Per encoder layer, the attention heads and feed-forward neurons a (shrunk) BERT-style export keeps."""
+    import json
+    import re
+
+    from safetensors import safe_open
+
+    path, config_path = export / "model.safetensors", export / "config.json"
+    if not path.exists() or not config_path.exists():
+        return {}
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    head_size = config["hidden_size"] // config["num_attention_heads"]
+    pattern = re.compile(r"layer\.(\d+)\.(attention\.self\.query|intermediate\.dense)\.weight$")
+    found: dict[int, dict[str, int]] = {}
+    with safe_open(str(path), "pt") as weights:
+        for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if match := pattern.search(name):
+                rows = int(weights.get_slice(name).get_shape()[0])
+                found.setdefault(int(match.group(1)), {})[match.group(2)] = rows
+    return {
+        layer: (units.get("attention.self.query", 0) // head_size, units.get("intermediate.dense", 0))
+        for layer, units in sorted(found.items())
+    }
+
+
+def plot_units(units: dict[int, tuple[int, int]], path: Path, stage: str) -> Path:
+    """Attention heads and feed-forward neurons kept in each layer."""
+    plt = _pyplot()
+    figure, (heads, neurons) = plt.subplots(1, 2, figsize=(10, 3.5))
+    layers = [str(layer) for layer in units]
+    heads.bar(layers, [kept[0] for kept in units.values()], color="C0")
+    neurons.bar(layers, [kept[1] for kept in units.values()], color="C1")
+    heads.set(xlabel="layer", ylabel="attention heads kept")
+    neurons.set(xlabel="layer", ylabel="feed-forward neurons kept")
+    figure.suptitle(f"Structure after stage {stage}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -180,6 +221,10 @@ def stage_rows(state: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _is_shrink(state: dict[str, Any], name: str) -> bool:
+    return any(stage.get("name") == name and stage.get("shrink") for stage in state.get("plan", {}).get("stages", []))
+
+
 def write_report(output_dir: str | Path) -> Path:
     """Write ``D/report.md`` and its PNGs; return the page's path."""
     output_dir = Path(output_dir)
@@ -208,6 +253,10 @@ def write_report(output_dir: str | Path) -> Path:
     shares = layer_sparsity(output_dir / done[-1] / "export") if done else {}
     if shares and max(shares.values()) > 0:
         lines += [f"![layers]({plot_layers(shares, output_dir / 'layers.png', done[-1]).name})", ""]
+    shrunk = [name for name in done if _is_shrink(state, name)]
+    units = kept_units(output_dir / shrunk[-1] / "export") if shrunk else {}
+    if units:
+        lines += [f"![units]({plot_units(units, output_dir / 'units.png', shrunk[-1]).name})", ""]
     page = output_dir / REPORT
     page.write_text("\n".join(lines), encoding="utf-8")
     return page
