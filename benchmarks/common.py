@@ -64,7 +64,7 @@ def machine() -> str:
     )
 
 
-CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 
 
 def cpu_flags() -> list[str]:

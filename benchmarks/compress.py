@@ -7,7 +7,7 @@ task's offline recipe and a step budget (a rerun skips finished stages), then me
   runtime) over the dense fp32 torch model's, both through the same prediction code;
 - size_ratio: the artefact's weights on disk (D/final) over the dense fp32 `model.safetensors`;
 - speedup: dense torch fp32 latency over the artefact's (OpenVINO), batch 8 x 128 and 1 x 128, 2 threads,
-  formats interleaved in every round, median;
+  models interleaved in every round, median, timed in a fresh process;
 - speedup_vs_dense_int8: the dense model under OpenVINO's own post-training int8 (NNCF, calibrated on 300 training
   sentences, the same run) over the artefact;
 - cost: training steps of all stages over the dense recipe's steps (the teacher's).
@@ -25,20 +25,16 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CPU_FLAGS, PAGES, PROJECT_ROOT, RESULTS, TASKS, budget_name, cpu_flags, machine, today
-from deploy_latency import interleaved_medians, ov_runner, torch_runner
 
 from lightning_memopt.compress.final import calibration_subset
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.deploy.export import export_checkpoint
-from lightning_memopt.deploy.openvino import OPENVINO_FILE
+from lightning_memopt.deploy.latency import latency_in_fresh_process
 from lightning_memopt.deploy.predict import predict
 from lightning_memopt.tasks.readers import load_conll, read_table
 
@@ -90,23 +86,8 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".onnx"))
 
 
-def batch(vocab: int, size: int, length: int) -> dict[str, torch.Tensor]:
-    """A fixed batch of token ids below ``vocab`` (a trimmed vocabulary is smaller), same shapes for all models."""
-    ids = torch.randint(1, vocab, (size, length), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-
-
-def on_batch(run: Callable[[dict], None], fixed: dict[str, torch.Tensor]) -> Callable[[Any], None]:
-    """``run`` on its own fixed batch whatever it is given (each model gets ids inside its vocabulary)."""
-    return lambda _: run(fixed)
-
-
 def measure(plans: list[str], teacher: str, outs: dict[str, Path], rounds: int) -> dict[str, Any]:
     """Scores, sizes and interleaved latencies of the dense model, its OpenVINO int8 and every plan's artefact."""
-    from transformers import AutoConfig
-
-    from lightning_memopt.deploy.load import load_pretrained
-
     task = task_of_plan(plans[0])
     work = Path(tempfile.mkdtemp(prefix="compress-bench-"))
     dense_folder = outs[plans[0]] / "teacher"  # the teacher as a model folder, written by memopt compress
@@ -132,22 +113,9 @@ def measure(plans: list[str], teacher: str, outs: dict[str, Path], rounds: int) 
             "stages": {name: {k: s.get(k) for k in ("steps", "final", "params", "linear_sparsity")}
                        for name, s in state["stages"].items()},
         }  # fmt: skip
-    torch.set_num_threads(2)
-    dense_model = load_pretrained(dense_folder)
-    vocabs = {"dense": dense_model.config.vocab_size, "dense OpenVINO int8": dense_model.config.vocab_size}
-    runners = {
-        "dense": torch_runner(dense_model),
-        "dense OpenVINO int8": ov_runner(work / "dense-int8" / OPENVINO_FILE, 2),
-    }
-    for plan in plans:
-        runners[plan] = ov_runner(outs[plan] / "final" / OPENVINO_FILE, 2)
-        vocabs[plan] = AutoConfig.from_pretrained(outs[plan] / "final").vocab_size
-    latency = {
-        f"{size}x{length}": interleaved_medians(
-            {name: on_batch(run, batch(vocabs[name], size, length)) for name, run in runners.items()}, {}, rounds, 3
-        )
-        for size, length in SHAPES
-    }
+    folders = {"dense": dense_folder, "dense OpenVINO int8": work / "dense-int8"}
+    folders |= {plan: outs[plan] / "final" for plan in plans}
+    latency = latency_in_fresh_process(folders, sizes=tuple(size for size, _ in SHAPES), rounds=rounds)
     dense_bytes = results["dense"]["weights_bytes"]
     for name, result in results.items():
         result["latency_ms"] = {shape: values[name] for shape, values in latency.items()}
@@ -177,8 +145,8 @@ def render(payload: dict[str, Any]) -> list[str]:
         "",
         "Dev-set metric of each model through `memopt predict`'s code on its runtime; retention = metric / dense "
         "torch fp32 metric. Size = weights on disk / dense fp32 `model.safetensors`. Latency: median of interleaved "
-        "rounds, 2 threads, each model paired with the dense torch fp32 run in the same rounds; speed-up = dense "
-        "fp32 time / model time. Cost = training steps of all stages / the dense run's steps.",
+        "rounds in a fresh process, 2 threads, all models in every round, each on ids inside its own vocabulary; "
+        "speed-up = dense fp32 time / model time. Cost = training steps of all stages / the dense run's steps.",
         "",
         "| model | metric | retention | size ratio | MB | 8x128 ms | speed-up 8x128 | speed-up 1x128 "
         "| vs dense OpenVINO int8 (8x128) | cost |",

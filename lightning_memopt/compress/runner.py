@@ -392,13 +392,13 @@ def run_stage(
 
 def record_latency(plan: Plan, output_dir: Path, teacher_weights: str) -> dict[str, dict[str, float]]:
     """Batch 8 x 128 and 1 x 128 latency of the teacher, each stage's export (torch) and final/ (its runtime)."""
-    from lightning_memopt.deploy.latency import median_latency_ms
+    from lightning_memopt.deploy.latency import latency_in_fresh_process
 
     folders = {"teacher": Path(teacher_weights)} if Path(teacher_weights).is_dir() else {}
     folders |= {stage.name: output_dir / stage.name / "export" for stage in plan.stages}
     folders["final"] = output_dir / "final"
     print("[memopt compress] timing the teacher, the stages and final/ (2 threads)", flush=True)
-    return {f"{size}x128": median_latency_ms(folders, size=size) for size in (8, 1)}
+    return latency_in_fresh_process(folders)
 
 
 def _figures_line(record: dict[str, Any]) -> str:

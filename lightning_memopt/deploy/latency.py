@@ -51,3 +51,43 @@ def median_latency_ms(
                 call()
             times[name].append((time.perf_counter() - started) / runs * 1000)
     return {name: round(statistics.median(values), 2) for name, values in times.items()}
+
+
+def latency_in_fresh_process(
+    folders: Mapping[str, Path], sizes: tuple[int, ...] = (8, 1), length: int = 128, threads: int = 2, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """:func:`median_latency_ms` per batch size, run in a new Python process that does nothing else (no export
+    or calibration state, no compiled models left over from them)."""
+    import json
+    import subprocess
+    import sys
+
+    spec = {"folders": {name: str(folder) for name, folder in folders.items()}, "sizes": list(sizes)}
+    spec |= {"length": length, "threads": threads, "rounds": rounds}
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_memopt.deploy.latency", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _main(spec_json: str) -> None:
+    import json
+
+    spec = json.loads(spec_json)
+    folders = {name: Path(folder) for name, folder in spec["folders"].items()}
+    timings = {
+        f"{size}x{spec['length']}": median_latency_ms(
+            folders, size=size, length=spec["length"], threads=spec["threads"], rounds=spec["rounds"]
+        )
+        for size in spec["sizes"]
+    }
+    print(json.dumps(timings))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1])
