@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CPU_FLAGS, PAGES, PROJECT_ROOT, RESULTS, TASKS, budget_name, cpu_flags, machine, today
 
-from lightning_memopt.compress.final import calibration_subset
+from lightning_memopt.compress.final import calibration_subset, weights_bytes
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.deploy.export import export_checkpoint
 from lightning_memopt.deploy.latency import latency_in_fresh_process
@@ -80,10 +80,6 @@ def score(task: str, folder: Path, inputs: list[Any], gold: list[Any], runtime: 
 
         return float(f1_score(gold, [list(p.labels) for p in predictions]))
     return sum(p.labels[0] == label for p, label in zip(predictions, gold, strict=True)) / len(gold)
-
-
-def weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".onnx"))
 
 
 def measure(plans: list[str], teacher: str, outs: dict[str, Path], rounds: int) -> dict[str, Any]:

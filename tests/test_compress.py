@@ -194,6 +194,11 @@ TWO_STAGES = {
 }
 
 
+def memopt_failing(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``memopt`` expecting it may fail: the result, whatever its exit status."""
+    return subprocess.run([*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
 def compress_args(plan: Path, teacher: Path, out: Path, recipe: list[str]) -> list[str]:
     return ["compress", "--plan", str(plan), "--teacher", str(teacher), "--output_dir", str(out), *recipe]
 
@@ -226,14 +231,7 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     assert again.stdout.count("done before") == 2 and "resuming" not in again.stdout
 
     killed_args = [*recipe, "--trainer.callbacks+=helpers.trainers.Interrupt", "--trainer.callbacks.step=7"]
-    killed = subprocess.run(
-        [*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args)],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    killed = memopt_failing(compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args), tmp_path)
     assert (
         killed.returncode == 2 and "stage prune failed" in killed.stderr and "rerun the same command" in killed.stderr
     )
@@ -247,14 +245,7 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
 
     changed = dict(TWO_STAGES, stages=[{"name": "student", "student_layers": [0]}, TWO_STAGES["stages"][1]])
     plan.write_text(yaml.safe_dump(changed))
-    refused = subprocess.run(
-        [*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe)],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    refused = memopt_failing(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), tmp_path)
     assert refused.returncode == 2 and "stage student: its definition changed" in refused.stderr
 
 

@@ -22,6 +22,11 @@ from lightning_memopt.tasks.data import TransformerDataModule
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin")
 
 
+def weights_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights (safetensors, OpenVINO .bin, ONNX), what a user ships."""
+    return sum(path.stat().st_size for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
+
+
 def saved_config(stage_folder: Path) -> dict[str, Any]:
     """The configuration ``memopt fit`` saved for a stage (its latest log version)."""
     saved = sorted(
@@ -95,7 +100,7 @@ def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> dict[str
             )  # fmt: skip
         record |= {
             "format": result.manifest.get("format"),
-            "weights_bytes": sum(p.stat().st_size for p in work.iterdir() if p.suffix in WEIGHT_SUFFIXES),
+            "weights_bytes": weights_bytes(work),
             "lines": result.lines,
             "stages": {stage.name: state["stages"][stage.name] for stage in plan.stages},
         }
