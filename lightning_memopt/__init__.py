@@ -6,7 +6,7 @@ from lightning_memopt.deploy import export_checkpoint, export_model, load_pretra
 from lightning_memopt.distillation import KnowledgeDistillation
 from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMonitor, ZeROStrategy
 from lightning_memopt.pruning import PruningScheduler
-from lightning_memopt.quantization import QuantizationAwareTraining
+from lightning_memopt.quantization import OpenVINOQuantizationAwareTraining, QuantizationAwareTraining
 from lightning_memopt.tasks import (
     EntityF1,
     SequenceClassificationDataModule,
@@ -27,6 +27,7 @@ __all__ = [
     "KnowledgeDistillation",
     "MemoryMonitor",
     "MetricsSummary",
+    "OpenVINOQuantizationAwareTraining",
     "PruningScheduler",
     "QuantizationAwareTraining",
     "SequenceClassificationDataModule",

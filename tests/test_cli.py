@@ -43,6 +43,7 @@ from lightning_memopt.cli import run_cli
         ["recipes/pruning/unstructured-80-kd-{task}.yaml"],
         ["recipes/pruning/unstructured-80-kd-rewind-{task}.yaml"],
         ["recipes/quantization/int8-qat.yaml", "recipes/pruning/unstructured-80.yaml"],
+        ["recipes/quantization/openvino-qat.yaml"],
     ],
 )
 @pytest.mark.parametrize("task", ["ner", "sst2"])
@@ -71,6 +72,9 @@ def test_recipes_and_overlays_parse(
         assert "num_nodes: 2" in printed
     if from_finetuned:
         assert "lightning_memopt.PruningScheduler" in printed and "lightning_memopt.KnowledgeDistillation" in printed
+    if overlay and "openvino-qat" in overlay[0]:  # its own run folder: the fine-tuned run's checkpoints stay
+        assert "lightning_memopt.OpenVINOQuantizationAwareTraining" in printed
+        assert f"runs/{'ner-conll2003' if task == 'ner' else 'sst2'}" not in printed
     if from_finetuned and "rewind" in overlay[0]:  # the pruned export, its mask kept, the recipe's own length
         assert f"exported/{task}-pruned" in printed and "schedule: constant" in printed
         assert "-rewound/checkpoints" in printed and "max_epochs: 18" not in printed
@@ -80,7 +84,7 @@ def test_recipes_and_overlays_parse(
         assert "lightning_memopt.PruningScheduler" in printed and "optimizer: adamw8bit" in printed
     if overlay and "structured-50" in overlay[0]:
         assert "structure: heads_and_neurons" in printed
-    if overlay and "quantization" in overlay[0]:
+    if overlay and "int8-qat" in overlay[0]:
         assert (
             "lightning_memopt.QuantizationAwareTraining" in printed and "lightning_memopt.PruningScheduler" in printed
         )

@@ -59,6 +59,30 @@ def checkpoint_scores(checkpoint: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
+def pretrained_child(
+    module: nn.Module, attribute: str | None = None, option: str = "attribute"
+) -> tuple[str, nn.Module]:
+    """(name, model) of the ``transformers`` model a LightningModule holds as an attribute.
+
+    ``attribute`` names it; ``None`` takes the one direct child that is a ``transformers.PreTrainedModel``.
+    """
+    from transformers import PreTrainedModel
+
+    if attribute is not None:
+        child = getattr(module, attribute, None)
+        if not isinstance(child, nn.Module):
+            raise ValueError(f"{option}={attribute!r}: {type(module).__name__} has no submodule of that name.")
+        return attribute, child
+    found = [(name, child) for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
+    if len(found) != 1:
+        children = [f"{name} ({type(child).__name__})" for name, child in module.named_children()]
+        raise ValueError(
+            f"{type(module).__name__} holds {len(found)} transformers models among its attributes {children}; "
+            f"name the one to use with {option}=."
+        )
+    return found[0]
+
+
 def candidate_prefixes(keys: list[str]) -> list[str]:
     """Each top-level attribute holding parameters (``"model."``), then the empty prefix.
 
@@ -106,9 +130,17 @@ def _match(config: Any, state: dict[str, torch.Tensor]) -> nn.Module | None:
 
 
 def model_from_checkpoint(
-    path: str | Path, source: str | None = None, prefix: str | None = None, map_location: str = "cpu"
+    path: str | Path,
+    source: str | None = None,
+    prefix: str | None = None,
+    map_location: str = "cpu",
+    ignore: str | None = None,
 ) -> CheckpointModel:
-    """The ``transformers`` model in the checkpoint at ``path`` (file or sharded folder), weights loaded."""
+    """The ``transformers`` model in the checkpoint at ``path`` (file or sharded folder), weights loaded.
+
+    ``ignore``: a submodule name whose weights are not the model's own (quantizers a technique added and
+    rebuilds itself); keys holding ``.<ignore>.`` are left out of the match and the load.
+    """
     from transformers import AutoConfig
 
     path = Path(path)
@@ -116,6 +148,8 @@ def model_from_checkpoint(
     hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
     config_source = _config_source(hyper_parameters, source, path)
     weights = checkpoint.get("state_dict") or {}
+    if ignore is not None:
+        weights = {key: value for key, value in weights.items() if f".{ignore}." not in f".{key}"}
     labels = hyper_parameters.get("labels")
     for candidate in [prefix] if prefix is not None else candidate_prefixes(list(weights)):
         state = {key[len(candidate) :]: value for key, value in weights.items() if key.startswith(candidate)}

@@ -28,6 +28,7 @@ from lightning_memopt.deploy.onnx import Parity
 from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
+from lightning_memopt.quantization.openvino_qat import checkpoint_openvino_qat_state, quantizer_count
 from lightning_memopt.tasks.modules import TASK_CLASSES, TASK_KEY, load_task_checkpoint
 
 MANIFEST = "manifest.json"
@@ -93,6 +94,10 @@ def model_of(
     ckpt_path: Path, meta: dict[str, Any], model_source: str | None, prefix: str | None
 ) -> tuple[nn.Module, str, str]:
     """(model, tokenizer source, prefix of the model in the module) of a checkpoint of any LightningModule."""
+    if (trained := checkpoint_openvino_qat_state(meta)) is not None:
+        from lightning_memopt.deploy.openvino import openvino_qat_model
+
+        return openvino_qat_model(ckpt_path, trained, model_source, prefix)
     if meta.get(TASK_KEY) in TASK_CLASSES and model_source is None and prefix is None:
         module = load_task_checkpoint(ckpt_path)
         return module.model, resolve_pretrained(module.model_name_or_path), "model."
@@ -123,8 +128,9 @@ def export_checkpoint(
         overwrite: replace an existing ``output_dir`` whole.
         model_source, prefix: for checkpoints that do not say which ``transformers`` model they hold
             (see :func:`~lightning_memopt.core.models.model_from_checkpoint`).
-        format: ``"transformers"`` (a folder ``from_pretrained`` loads) or ``"onnx"`` (``model.onnx``, checked
-            against the torch model; with ``int8``, ONNX Runtime's dynamic int8).
+        format: ``"transformers"`` (a folder ``from_pretrained`` loads), ``"onnx"`` (``model.onnx``, checked
+            against the torch model; with ``int8``, ONNX Runtime's dynamic int8) or ``"openvino"`` (with ``int8``,
+            NNCF post-training int8, or the trained quantizers of an ``OpenVINOQuantizationAwareTraining`` run).
         min_agreement: the share of parity positions where an int8 ONNX model must pick torch's label.
         calibration: sentences NNCF calibrates ``format="openvino", int8=True`` on (your training data).
     """
@@ -133,6 +139,12 @@ def export_checkpoint(
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
     meta = read_checkpoint(ckpt_path, tensors=False)  # everything but the weights: task, QAT state
+    if checkpoint_openvino_qat_state(meta) is not None and (format == "transformers" or not int8 or shrink):
+        raise ValueError(
+            f"{ckpt_path} was trained with OpenVINOQuantizationAwareTraining: its model is a static int8 one with "
+            "trained scales. Export it with --format openvino --int8 true (or --format onnx --int8 true for a QDQ "
+            "graph), without --shrink."
+        )
     model, tokenizer_source, model_prefix = model_of(ckpt_path, meta, model_source, prefix)
     source = {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)}
     options = ExportOptions(format, int8, sparse, shrink, min_agreement, calibration)
@@ -265,6 +277,9 @@ def _write_graph_folder(
     parity = write_graph(model, tokenizer, folder, format, int8, min_agreement, calibration)
     if not int8:
         kind = "float32"
+    elif quantizer_count(model):
+        kind = "int8 (the scales NNCF's quantizers learned in OpenVINOQuantizationAwareTraining"
+        kind += ", as QuantizeLinear/DequantizeLinear pairs)" if format == "onnx" else ")"
     elif format == "onnx":
         kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)"
     else:

@@ -5,6 +5,8 @@
 batch of real English sentences, run by ONNX Runtime: float32 logits within ``1e-4`` (max abs) of the
 torch model, and for int8 exports (ONNX Runtime's own dynamic quantization, per-channel weights) the
 same argmax for at least 99.5 % of the positions. A failed check fails the export; nothing is written.
+A model trained with ``OpenVINOQuantizationAwareTraining`` is written as QuantizeLinear/DequantizeLinear pairs
+carrying its trained scales (:func:`export_qdq_graph`) and checked against the quantized torch model.
 
 Needs the ``deploy`` extra: ``pip install 'lightning-memopt[deploy]'`` (onnx, onnxscript, onnxruntime).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from lightning_memopt.quantization.openvino_qat import onnx_qdq_export, quantizer_count
 
 ONNX_FILE = "model.onnx"
 OPSET = 18
@@ -110,6 +115,26 @@ def export_graph(model: nn.Module, names: list[str], example: dict[str, torch.Te
     program.save(str(path))
 
 
+def export_qdq_graph(model: nn.Module, names: list[str], example: dict[str, torch.Tensor], path: Path) -> None:
+    """Write an NNCF-quantized model as ONNX QuantizeLinear/DequantizeLinear pairs carrying its trained scales.
+
+    ``torch.export`` cannot trace NNCF's quantizers (they read their levels as Python numbers), so this graph
+    comes from the TorchScript exporter (``dynamo=False``), NNCF's own export path.
+    """
+    with onnx_qdq_export(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on NNCF's constant levels and the exporter's deprecation
+        torch.onnx.export(
+            LogitsOnly(model, names).eval(),
+            tuple(example[name] for name in names),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names},
+        )
+
+
 def run_onnx(path: Path, batch: dict[str, torch.Tensor], threads: int | None = None) -> np.ndarray:
     """The logits ONNX Runtime computes for ``batch``."""
     import onnxruntime as ort
@@ -181,11 +206,19 @@ def checked_parity(
 def write_onnx(
     model: nn.Module, tokenizer: Any, folder: Path, int8: bool = False, min_agreement: float = INT8_AGREEMENT
 ) -> Parity:
-    """``folder/model.onnx`` (float32, or ONNX Runtime dynamic int8), after the parity check passes."""
+    """``folder/model.onnx`` (float32, ONNX Runtime dynamic int8, or the QDQ graph of a model holding NNCF's
+    trained quantizers), after the parity check passes."""
     require_deploy_extra("onnx", "onnxscript", "onnxruntime")
+    trained = quantizer_count(model) > 0
+    if trained and not int8:
+        raise ValueError(
+            "The model holds NNCF's int8 quantizers (OpenVINOQuantizationAwareTraining): export with --int8."
+        )
     names, batch, reference = reference_logits(model, tokenizer)
     target = folder / ONNX_FILE
-    if int8:
+    if trained:
+        export_qdq_graph(model, names, batch, target)
+    elif int8:
         float_path = folder / "model.fp32.onnx"
         export_graph(model, names, batch, float_path)
         quantize_dynamic_int8(float_path, target)

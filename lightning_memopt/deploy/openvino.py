@@ -7,6 +7,11 @@ logits within ``1e-4`` of torch. With ``int8``, NNCF's post-training quantizatio
 (``calibration``; the parity sentences if none are given, with a warning), and the int8 model must pick
 torch's label on at least ``min_agreement`` of the parity positions.
 
+A model trained with :class:`~lightning_memopt.quantization.OpenVINOQuantizationAwareTraining` already holds
+NNCF's quantizers with their trained scales: it is converted from torch directly (``ov.convert_model`` reads the
+quantizers as FakeQuantize operations; ``ov.save_model`` stores the weights as int8), with no second calibration,
+and checked against the torch model it was trained as.
+
 Needs ``pip install 'lightning-memopt[deploy]'`` (openvino and nncf besides the ONNX tools).
 """
 
@@ -22,15 +27,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_memopt.core.checkpoints import read_checkpoint
+from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.deploy.onnx import (
     INT8_AGREEMENT,
     PARITY_SENTENCES,
     Parity,
     checked_parity,
     export_graph,
+    parity_batch,
     reference_logits,
     require_deploy_extra,
 )
+from lightning_memopt.quantization.openvino_qat import HOOKS, load_quantized, quantizer_count
 
 log = logging.getLogger(__name__)
 OPENVINO_FILE = "openvino_model.xml"
@@ -76,7 +85,15 @@ def write_openvino(
     require_deploy_extra("onnx", "onnxscript", "openvino", *(["nncf"] if int8 else []))
     import openvino as ov
 
+    trained = quantizer_count(model) > 0
+    if trained and not int8:
+        raise ValueError(
+            "The model holds NNCF's int8 quantizers (OpenVINOQuantizationAwareTraining): export with --int8."
+        )
     names, batch, reference = reference_logits(model, tokenizer)
+    if trained:  # the quantizers and their trained scales become the IR's FakeQuantize operations
+        converted = ov.convert_model(model, example_input=dict(batch))
+        return _saved_and_checked(converted, folder, batch, reference, min_agreement)
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         export_graph(model, names, batch, onnx_path)
@@ -93,7 +110,38 @@ def write_openvino(
         converted = nncf.quantize(
             converted, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=CALIBRATION_SIZE
         )
+    return _saved_and_checked(converted, folder, batch, reference, min_agreement, int8)
+
+
+def _saved_and_checked(
+    converted: Any,
+    folder: Path,
+    batch: dict[str, torch.Tensor],
+    reference: np.ndarray,
+    min_agreement: float,
+    int8: bool = True,
+) -> Parity:
+    import openvino as ov
+
     target = folder / OPENVINO_FILE
     ov.save_model(converted, str(target), compress_to_fp16=False)
     exported = run_openvino(compile_openvino(target, precision="f32"), {k: v.numpy() for k, v in batch.items()})
     return checked_parity(reference, exported, batch, int8, min_agreement)
+
+
+def openvino_qat_model(
+    ckpt_path: Path, state: dict[str, Any], source: str | None, prefix: str | None
+) -> tuple[nn.Module, str, str]:
+    """(quantized model, its source, prefix) of a checkpoint of an ``OpenVINOQuantizationAwareTraining`` run.
+
+    The plain model is found as for any checkpoint (the quantizers' keys left out), quantized again on the
+    parity sentences with the inputs the run used, and the checkpoint's weights and quantizers loaded over it.
+    """
+    from transformers import AutoTokenizer
+
+    require_deploy_extra("nncf")
+    found = model_from_checkpoint(ckpt_path, source, prefix or f"{state['attribute']}.", ignore=HOOKS)
+    weights = read_checkpoint(ckpt_path)["state_dict"]
+    own = {key[len(found.prefix) :]: value for key, value in weights.items() if key.startswith(found.prefix)}
+    example = parity_batch(AutoTokenizer.from_pretrained(found.source), list(state["inputs"]))
+    return load_quantized(found.model, own, example), found.source, found.prefix
