@@ -6,9 +6,11 @@ from lightning_memopt.pruning.masks import global_masks, layerwise_masks, mask_s
 from lightning_memopt.pruning.schedules import ResolvedSchedule, SparsitySchedule, sparsity_at
 from lightning_memopt.pruning.sparse_format import SparseReport, load_sparse, save_sparse
 from lightning_memopt.pruning.structured import ShrinkReport, shrink_pruned
-from lightning_memopt.pruning.units import UnitGroup, find_unit_groups
+from lightning_memopt.pruning.units import AttentionLayout, FFNLayout, UnitGroup, find_unit_groups, register_layout
 
 __all__ = [
+    "AttentionLayout",
+    "FFNLayout",
     "PruningScheduler",
     "ResolvedSchedule",
     "ShrinkReport",
@@ -22,6 +24,7 @@ __all__ = [
     "load_sparse",
     "mask_sparsity",
     "pattern_filter",
+    "register_layout",
     "save_sparse",
     "select_weights",
     "shrink_pruned",

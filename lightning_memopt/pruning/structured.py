@@ -6,7 +6,10 @@ After structured pruning the pruned units' weights are exactly zero (see :mod:`.
 - **Feed-forward neurons** are removed when every block keeps the same number, and the config's
   ``intermediate_size`` (``hidden_dim`` for DistilBERT) is updated, so ``save_pretrained`` writes a
   folder that plain ``transformers`` loads.
-- **Attention heads** are removed with ``heads=True``. transformers 5 dropped ``prune_heads`` and
+- **Attention heads** are removed with ``heads=True`` (whole key/value groups under grouped-query attention).
+  When a Llama-style config can say it (every layer keeps the same number of groups), its
+  ``num_key_value_heads`` and ``num_attention_heads`` are updated and plain ``from_pretrained`` reloads the
+  model. Otherwise: transformers 5 dropped ``prune_heads`` and
   ``config.pruned_heads``, and a BERT config cannot express fewer heads in some layers, so the kept
   count of every shrunk group is recorded in the config under ``memopt_shrunk``
   (``{"heads": {group: kept}, "neurons": {group: kept}}``): :func:`apply_recorded_shrink` rebuilds
@@ -56,7 +59,7 @@ def zero_units(group: UnitGroup, params: dict[str, Tensor]) -> Tensor:
     for piece in group.slices:
         tensor = params[piece.param].detach()
         nonzero = tensor.ne(0) if tensor.dim() == 1 else tensor.ne(0).any(dim=1 - piece.dim)
-        zero &= ~nonzero.view(group.count, group.size).any(dim=1).cpu()
+        zero &= ~nonzero.view(group.count, piece.size).any(dim=1).cpu()
     return zero
 
 
@@ -74,12 +77,12 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
 
 def remove_units(model: nn.Module, group: UnitGroup, keep: Tensor) -> None:
     """Slice the units ``keep`` drops out of every Linear layer the group spans (in place)."""
-    index = unit_index(group, keep).nonzero().squeeze(1)
     for piece in group.slices:
         if piece.param.endswith(".bias"):
             continue  # sliced together with its weight
         path = piece.param.removesuffix(".weight")
         linear = model.get_submodule(path)
+        index = unit_index(keep, piece.size).nonzero().squeeze(1)
         model.set_submodule(path, _slice_linear(linear, index.to(linear.weight.device), piece.dim))
 
 
@@ -107,17 +110,36 @@ def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:
         setattr(config, field, neurons_kept)
     heads_kept = {}
     if heads:
-        for group in find_unit_groups(model, "heads"):
-            keep = ~zero_units(group, dict(model.named_parameters()))
+        groups = find_unit_groups(model, "heads")
+        params = dict(model.named_parameters())
+        for group in groups:
+            keep = ~zero_units(group, params)
             if keep.all():
                 continue
             remove_units(model, group, keep)
             heads_kept[group.name] = int(keep.sum())
+        if heads_kept and _config_holds_heads(config, groups, heads_kept):
+            heads_kept = {}  # the config says it: plain from_pretrained rebuilds the shapes
     if config is not None and heads_kept:
         recorded = dict(getattr(config, SHRUNK_KEY, None) or {})
         recorded["heads"] = {**recorded.get("heads", {}), **heads_kept}
         setattr(config, SHRUNK_KEY, recorded)
     return ShrinkReport(neurons_kept, heads_kept, before, sum(p.numel() for p in model.parameters()))
+
+
+def _config_holds_heads(config: object, groups: list[UnitGroup], kept: dict[str, int]) -> bool:
+    """Under grouped-query attention with the same key/value groups kept in every layer, write the new head counts
+    into the config (``num_key_value_heads``, ``num_attention_heads``) and say so; else leave it."""
+    head_dim = getattr(config, "head_dim", None)
+    if not isinstance(getattr(config, "num_key_value_heads", None), int) or not isinstance(head_dim, int):
+        return False
+    counts = {kept.get(group.name, group.count) for group in groups}
+    if len(counts) != 1:
+        return False
+    groups_kept = counts.pop()
+    config.num_attention_heads = groups_kept * (groups[0].size // head_dim)
+    config.num_key_value_heads = groups_kept
+    return True
 
 
 def apply_recorded_shrink(model: nn.Module, recorded: dict) -> None:

@@ -3,7 +3,11 @@
 A *unit group* is one layer's heads (or one block's neurons). Each unit owns a slice of several
 parameters: head ``h`` owns rows ``h·d … (h+1)·d`` of the query, key and value weights and biases and
 the same columns of the attention output weight; neuron ``j`` owns row ``j`` of the up projection
-(and its bias) and column ``j`` of the down projection. Zeroing those slices removes the unit exactly,
+(of the gate and up projections for gated units such as SwiGLU, and their biases) and column ``j`` of the
+down projection. Under grouped-query attention the unit is a key/value group: one key and one value head
+with the query heads that share them (their rows, and their columns of the output projection), so the
+shrunk model still has whole groups. The layouts known are listed in ``ATTENTION_LAYOUTS`` and
+``FFN_LAYOUTS`` (BERT family, DistilBERT, Llama-style decoders); :func:`register_layout` adds others. Zeroing those slices removes the unit exactly,
 so structured pruning reuses the weight-mask machinery, and export can cut the zero slices out.
 
 Importance scores, per unit:
@@ -37,34 +41,75 @@ from torch import Tensor, nn
 
 Structure = Literal["heads", "neurons", "heads_and_neurons"]
 
-# (input projections, output projection, attribute holding the head count) relative to the attention block
-ATTENTION_LAYOUTS = (
-    (("self.query", "self.key", "self.value"), "output.dense", "self.num_attention_heads"),  # BERT family
-    (("q_lin", "k_lin", "v_lin"), "out_lin", "n_heads"),  # DistilBERT
-)
-# (up projection, down projection) relative to the transformer block
-FFN_LAYOUTS = (
-    ("intermediate.dense", "output.dense"),  # BERT, RoBERTa, ELECTRA, XLM-R, MPNet
-    ("ffn.lin1", "ffn.lin2"),  # DistilBERT
-)
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where an attention block keeps its projections (paths relative to the block) and its head count or size.
+
+    The unit is a key/value group: the query heads sharing one key/value head (grouped-query attention), or
+    one head where every query head has its own (multi-head attention). Give ``heads`` (an attribute holding
+    the number of heads) or ``head_dim`` (one holding the size of a head).
+    """
+
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: str | None = None
+    head_dim: str | None = None
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        return (self.query, self.key, self.value)
+
+
+@dataclass(frozen=True)
+class FFNLayout:
+    """A feed-forward block's projections (paths relative to the transformer block): the ones that make the
+    hidden neurons (``up``: one, or gate and up for gated units such as SwiGLU) and the one that reads them."""
+
+    up: tuple[str, ...]
+    down: str
+
+
+ATTENTION_LAYOUTS: list[AttentionLayout] = [
+    AttentionLayout("self.query", "self.key", "self.value", "output.dense", heads="self.num_attention_heads"),  # BERT
+    AttentionLayout("q_lin", "k_lin", "v_lin", "out_lin", heads="n_heads"),  # DistilBERT
+    AttentionLayout("q_proj", "k_proj", "v_proj", "o_proj", head_dim="head_dim"),  # Llama, Mistral, Qwen2 (GQA)
+]
+FFN_LAYOUTS: list[FFNLayout] = [
+    FFNLayout(("intermediate.dense",), "output.dense"),  # BERT, RoBERTa, ELECTRA, XLM-R, MPNet
+    FFNLayout(("ffn.lin1",), "ffn.lin2"),  # DistilBERT
+    FFNLayout(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),  # Llama, Mistral, Qwen2 (SwiGLU)
+]
+
+
+def register_layout(layout: AttentionLayout | FFNLayout) -> None:
+    """Teach structured pruning (and ``shrink_pruned``) another architecture's attention or feed-forward layout,
+    e.g. GPT-J's feed-forward block: ``register_layout(FFNLayout(("mlp.fc_in",), "mlp.fc_out"))``."""
+    layouts: list = ATTENTION_LAYOUTS if isinstance(layout, AttentionLayout) else FFN_LAYOUTS
+    if layout not in layouts:
+        layouts.append(layout)
 
 
 @dataclass(frozen=True)
 class UnitSlice:
-    """A parameter a unit group owns a slice of: along ``dim`` (0 = rows/bias entries, 1 = columns)."""
+    """A parameter a unit group owns a slice of: ``size`` features per unit along ``dim`` (0 = rows/bias, 1 = columns)."""
 
     param: str
     dim: int
+    size: int
 
 
 @dataclass(frozen=True)
 class UnitGroup:
-    """The prunable units of one layer: ``count`` heads (or neurons) of ``size`` features each."""
+    """The prunable units of one layer: ``count`` heads / key-value groups (or neurons), each owning a slice of
+    every parameter in ``slices``."""
 
     name: str
     kind: Literal["head", "neuron"]
     count: int
-    size: int
+    size: int  # features per unit at the output projection's input
     slices: tuple[UnitSlice, ...]
     output: str  # the output projection's weight, whose input columns carry the units
 
@@ -81,38 +126,49 @@ def _get(module: nn.Module, path: str) -> object | None:
     return module
 
 
-def _linear_slices(prefix: str, path: str, layer: nn.Linear, dim: int) -> list[UnitSlice]:
-    pieces = [UnitSlice(f"{prefix}{path}.weight", dim)]
+def _linear_slices(prefix: str, path: str, layer: nn.Linear, dim: int, size: int) -> list[UnitSlice]:
+    pieces = [UnitSlice(f"{prefix}{path}.weight", dim, size)]
     if layer.bias is not None and dim == 0:
-        pieces.append(UnitSlice(f"{prefix}{path}.bias", 0))
+        pieces.append(UnitSlice(f"{prefix}{path}.bias", 0, size))
     return pieces
 
 
 def _attention_group(name: str, module: nn.Module) -> UnitGroup | None:
-    for inputs, output, heads_attribute in ATTENTION_LAYOUTS:
-        layers = [_get(module, path) for path in (*inputs, output)]
-        heads = _get(module, heads_attribute)
-        if not all(isinstance(layer, nn.Linear) for layer in layers) or not isinstance(heads, int):
+    for layout in ATTENTION_LAYOUTS:
+        query, key, value, output = (_get(module, path) for path in (*layout.inputs, layout.output))
+        if not all(isinstance(layer, nn.Linear) for layer in (query, key, value, output)):
+            continue
+        heads = _get(module, layout.heads) if layout.heads else None
+        head_dim = _get(module, layout.head_dim) if layout.head_dim else None
+        if isinstance(heads, int) and heads > 0:
+            groups = heads
+        elif isinstance(head_dim, int) and head_dim > 0:
+            groups = key.out_features // head_dim  # one unit per key/value head
+        else:
             continue
         prefix = f"{name}." if name else ""
-        slices = [
-            piece
-            for path, layer in zip(inputs, layers[:-1], strict=True)
-            for piece in _linear_slices(prefix, path, layer, 0)
-        ]
-        slices += _linear_slices(prefix, output, layers[-1], 1)
-        width = layers[-1].in_features
-        return UnitGroup(name, "head", heads, width // heads, tuple(slices), f"{prefix}{output}.weight")
+        width = query.out_features // groups  # query features per unit (several heads under GQA)
+        slices = _linear_slices(prefix, layout.query, query, 0, width)
+        for path, layer in ((layout.key, key), (layout.value, value)):
+            slices += _linear_slices(prefix, path, layer, 0, layer.out_features // groups)
+        slices += _linear_slices(prefix, layout.output, output, 1, width)
+        return UnitGroup(name, "head", groups, width, tuple(slices), f"{prefix}{layout.output}.weight")
     return None
 
 
 def _ffn_group(name: str, module: nn.Module) -> UnitGroup | None:
-    for up_path, down_path in FFN_LAYOUTS:
-        up, down = _get(module, up_path), _get(module, down_path)
-        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
-            prefix = f"{name}." if name else ""
-            slices = _linear_slices(prefix, up_path, up, 0) + _linear_slices(prefix, down_path, down, 1)
-            return UnitGroup(name, "neuron", up.out_features, 1, tuple(slices), f"{prefix}{down_path}.weight")
+    for layout in FFN_LAYOUTS:
+        ups, down = [_get(module, path) for path in layout.up], _get(module, layout.down)
+        if not isinstance(down, nn.Linear) or not all(isinstance(up, nn.Linear) for up in ups):
+            continue
+        if any(up.out_features != down.in_features for up in ups):
+            continue
+        prefix = f"{name}." if name else ""
+        slices = [
+            piece for path, up in zip(layout.up, ups, strict=True) for piece in _linear_slices(prefix, path, up, 0, 1)
+        ]
+        slices += _linear_slices(prefix, layout.down, down, 1, 1)
+        return UnitGroup(name, "neuron", down.in_features, 1, tuple(slices), f"{prefix}{layout.down}.weight")
     return None
 
 
@@ -129,25 +185,26 @@ def find_unit_groups(model: nn.Module, structure: Structure) -> list[UnitGroup]:
     if not groups:
         raise ValueError(
             f"No {structure.replace('_', ' and ')} found in {type(model).__name__}. Known attention layouts: "
-            f"{[a[:2] for a in ATTENTION_LAYOUTS]}; feed-forward layouts: {list(FFN_LAYOUTS)}."
+            f"{[layout.inputs for layout in ATTENTION_LAYOUTS]}; feed-forward layouts: "
+            f"{[(*layout.up, layout.down) for layout in FFN_LAYOUTS]}. Declare yours with "
+            "lightning_memopt.pruning.register_layout."
         )
     return groups
 
 
-def unit_index(group: UnitGroup, keep: Tensor) -> Tensor:
-    """``keep`` (one bool per unit) expanded to one bool per feature along the owned dimension."""
-    return keep.repeat_interleave(group.size)
+def unit_index(keep: Tensor, size: int) -> Tensor:
+    """``keep`` (one bool per unit) expanded to one bool per feature of a slice owning ``size`` features per unit."""
+    return keep.repeat_interleave(size)
 
 
 def param_masks(group: UnitGroup, keep: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     """Boolean masks, shaped like the group's parameters (``shapes``), that zero the units ``keep`` drops."""
-    features = unit_index(group, keep)
     masks = {}
     for piece in group.slices:
         shape = shapes[piece.param]
         view = [1] * len(shape)
         view[piece.dim] = -1
-        masks[piece.param] = features.view(view).expand(shape).clone()
+        masks[piece.param] = unit_index(keep, piece.size).view(view).expand(shape).clone()
     return masks
 
 
@@ -159,7 +216,7 @@ def magnitude_scores(group: UnitGroup, params: Mapping[str, Tensor]) -> Tensor:
             continue
         weight = params[piece.param].detach().float()
         per_feature = weight.pow(2).sum(dim=1 - piece.dim)
-        squares += per_feature.view(group.count, group.size).sum(dim=1)
+        squares += per_feature.view(group.count, piece.size).sum(dim=1)
     return squares.sqrt()
 
 
