@@ -8,6 +8,8 @@ from lightning_memopt.distributed import FSDP1Strategy, FSDP2Strategy, MemoryMon
 from lightning_memopt.pruning import PruningScheduler
 from lightning_memopt.quantization import OpenVINOQuantizationAwareTraining, QuantizationAwareTraining
 from lightning_memopt.tasks import (
+    CausalLMDataModule,
+    CausalLMModule,
     EntityF1,
     SequenceClassificationDataModule,
     SequenceClassificationModule,
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CausalLMDataModule",
+    "CausalLMModule",
     "EntityF1",
     "FSDP1Strategy",
     "FSDP2Strategy",

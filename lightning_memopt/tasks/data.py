@@ -30,9 +30,11 @@ from lightning_memopt.core.sources import resolve_pretrained
 from lightning_memopt.tasks.readers import (
     DataFormatError,
     LabelledText,
+    PromptCompletion,
     TaggedSentence,
     iob_to_iob2,
     load_conll,
+    read_prompts,
     read_table,
 )
 from lightning_memopt.tasks.resumable import ResumableShuffleSampler, batches_done_this_epoch
@@ -591,4 +593,82 @@ class SequenceClassificationDataModule(TransformerDataModule):
             row = model_fields(encodings, index)
             row["labels"] = label_ids[example.label]
             encoded.append(row)
+        return encoded, truncated
+
+
+class CausalLMDataModule(TransformerDataModule):
+    """Texts, or prompt/completion pairs, for causal-LM fine-tuning, from JSONL/TSV/CSV files or the hub.
+
+    Each example is the prompt's tokens followed by the completion's (and the end-of-sequence token); with
+    ``mask_prompt`` the prompt's positions get the label -100, so the loss (and distillation) counts only the
+    completion. Examples are padded per batch, not packed. A tokenizer without a padding token pads with its
+    end-of-sequence token (padded positions are masked out of attention and loss).
+
+    Args:
+        text_column: the column of plain texts (all trained on), used when a row has no prompt/completion.
+        prompt_column: the column of prompts.
+        completion_column: the column of completions.
+        mask_prompt: leave the prompt's tokens out of the loss.
+        add_eos: end every example with the tokenizer's end-of-sequence token.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        text_column: str = "text",
+        prompt_column: str = "prompt",
+        completion_column: str = "completion",
+        mask_prompt: bool = True,
+        add_eos: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.text_column, self.prompt_column, self.completion_column = text_column, prompt_column, completion_column
+        self.mask_prompt, self.add_eos = mask_prompt, add_eos
+        self.save_hyperparameters(ignore=["labels"])
+
+    def load_tokenizer(self) -> Any:
+        tokenizer = super().load_tokenizer()
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("The tokenizer has neither a padding nor an end-of-sequence token; set one.")
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def read_file(self, path: str) -> list[PromptCompletion]:
+        return read_prompts(path, self.text_column, self.prompt_column, self.completion_column, self.encoding)
+
+    def from_hub(self, dataset: Any) -> list[PromptCompletion]:
+        columns = set(dataset.column_names)
+        if {self.prompt_column, self.completion_column} <= columns:
+            return [PromptCompletion(row[self.prompt_column], row[self.completion_column]) for row in dataset]
+        if self.text_column in columns:
+            return [PromptCompletion("", row[self.text_column]) for row in dataset]
+        raise DataFormatError(
+            f"The hub dataset has columns {sorted(columns)}: set --data.text_column, or --data.prompt_column and "
+            "--data.completion_column."
+        )
+
+    def observed_labels(self, examples: list[PromptCompletion]) -> list[str]:
+        return []
+
+    def encode(
+        self, examples: list[PromptCompletion], label_ids: dict[str, int], max_length: int
+    ) -> tuple[list[Example], int]:
+        tokenizer = self.tokenizer
+        prompts = tokenizer([e.prompt for e in examples])["input_ids"]  # with the model's start token, if any
+        completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if self.add_eos and tokenizer.eos_token_id is not None else []
+        encoded, truncated = [], 0
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = prompt + completion + eos
+            labels = ([IGNORE_INDEX] * len(prompt) if self.mask_prompt else list(prompt)) + completion + eos
+            truncated += len(ids) > max_length
+            encoded.append(
+                {
+                    "input_ids": ids[:max_length],
+                    "attention_mask": [1] * min(len(ids), max_length),
+                    "labels": labels[:max_length],
+                }
+            )
         return encoded, truncated

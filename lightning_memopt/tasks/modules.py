@@ -20,11 +20,13 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.core.sources import resolve_pretrained
+from lightning_memopt.tasks.data import IGNORE_INDEX
 from lightning_memopt.tasks.entity_f1 import EntityF1
 from lightning_memopt.tasks.optim import (
     build_adamw,
@@ -78,6 +80,7 @@ class TransformerTaskModule(LightningModule):
     """
 
     auto_class_name: ClassVar[str]
+    has_labels: ClassVar[bool] = True  # a classification task: labels name the head's outputs
 
     def __init__(
         self,
@@ -95,7 +98,7 @@ class TransformerTaskModule(LightningModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        self.labels = check_labels(labels)
+        self.labels = check_labels(labels) if self.has_labels else []
         if learning_rate <= 0:
             raise ValueError(f"--model.learning_rate must be positive, got {learning_rate}.")
         check_optimizer(optimizer)
@@ -119,13 +122,14 @@ class TransformerTaskModule(LightningModule):
         }
         if self.hparams.classifier_dropout is not None:
             extra["classifier_dropout"] = self.hparams.classifier_dropout
+        if self.has_labels:
+            extra["num_labels"] = len(self.labels)
+            extra["id2label"] = dict(enumerate(self.labels))
+            extra["label2id"] = {label: index for index, label in enumerate(self.labels)}
         source = resolve_pretrained(self.model_name_or_path)
         try:
             return auto_class.from_pretrained(
                 source,
-                num_labels=len(self.labels),
-                id2label=dict(enumerate(self.labels)),
-                label2id={label: index for index, label in enumerate(self.labels)},
                 revision=self.hparams.revision,
                 trust_remote_code=self.hparams.trust_remote_code,
                 **extra,
@@ -272,8 +276,38 @@ class SequenceClassificationModule(TransformerTaskModule):
         return scores
 
 
+class CausalLMModule(TransformerTaskModule):
+    """Causal language-model fine-tuning (Llama, Qwen2, SmolLM2, GPT-2, ...) on texts or prompt/completion pairs.
+
+    The loss is the model's own (next-token cross-entropy over the positions whose label is not -100: the
+    completion when :class:`~lightning_memopt.tasks.CausalLMDataModule` masks the prompt). Logged: ``train_loss``,
+    ``val_loss``, ``val_token_loss`` (mean over all validation tokens) and ``val_perplexity`` (its exponential).
+    ``labels`` and ``classifier_dropout`` do not apply.
+    """
+
+    auto_class_name = "AutoModelForCausalLM"
+    has_labels = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_loss = MeanMetric()
+
+    @override
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
+        output = self(**self.model_inputs(batch))
+        self.log(f"{stage}_loss", output.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        tokens = batch["labels"][:, 1:].ne(IGNORE_INDEX).sum()  # the positions the shifted loss counts
+        self.token_loss.update(output.loss.detach(), weight=tokens)
+
+    @override
+    def compute_metrics(self) -> dict[str, Tensor]:
+        mean = self.token_loss.compute()
+        self.token_loss.reset()
+        return {"token_loss": mean, "perplexity": mean.exp()}
+
+
 TASK_CLASSES: dict[str, type[TransformerTaskModule]] = {
-    cls.__name__: cls for cls in (TokenClassificationModule, SequenceClassificationModule)
+    cls.__name__: cls for cls in (TokenClassificationModule, SequenceClassificationModule, CausalLMModule)
 }
 
 

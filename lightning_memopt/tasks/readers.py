@@ -50,6 +50,19 @@ class LabelledText:
     text_pair: str | None = None
 
 
+@dataclass(frozen=True)
+class PromptCompletion:
+    """One causal-LM training text: a prompt (not trained on when masked; empty for plain text) and its completion."""
+
+    prompt: str
+    completion: str
+    text_pair: None = None  # (texts have no pair: what split_texts reads)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
 def open_text(path: str | Path, encoding: str = "utf-8") -> IO[str]:
     """Open a plain or gzip-compressed text file (compression detected from the content)."""
     path = Path(path)
@@ -267,6 +280,33 @@ def read_table(
                 text_pair=row[text_pair_column] if text_pair_column else None,
             )
         )
+    if not examples:
+        raise DataFormatError(f"{path}: no examples found.")
+    return examples
+
+
+def read_prompts(
+    path: str | Path,
+    text_column: str = "text",
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    encoding: str = "utf-8",
+) -> list[PromptCompletion]:
+    """Causal-LM texts from a ``.jsonl``/``.tsv``/``.csv`` file (plain or ``.gz``): rows with ``prompt_column`` and
+    ``completion_column``, or with ``text_column`` alone (then all of it is trained on)."""
+    path = Path(path)
+    examples = []
+    for line_number, row in _table_rows(path, encoding):
+        if prompt_column in row and completion_column in row:
+            examples.append(PromptCompletion(row[prompt_column], row[completion_column]))
+        elif text_column in row:
+            examples.append(PromptCompletion("", row[text_column]))
+        else:
+            raise DataFormatError(
+                f"{path}:{line_number}: no column {text_column!r} (--data.text_column) and not both of "
+                f"{prompt_column!r} and {completion_column!r} (--data.prompt_column, --data.completion_column); "
+                f"columns are {sorted(row)}."
+            )
     if not examples:
         raise DataFormatError(f"{path}: no examples found.")
     return examples
