@@ -22,7 +22,12 @@ from helpers import (
 from lightning.pytorch import Callback
 from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
-from lightning_memopt import KnowledgeDistillation, TokenClassificationDataModule, TokenClassificationModule
+from lightning_memopt import (
+    KnowledgeDistillation,
+    MemoryMonitor,
+    TokenClassificationDataModule,
+    TokenClassificationModule,
+)
 from lightning_memopt.distillation import student_from_teacher
 
 
@@ -83,9 +88,17 @@ def test_teacher_stays_frozen_outside_optimizer_and_checkpoint_and_resume_works(
 ) -> None:
     teacher_dir = make_teacher(tiny_bert_dir, tmp_path / "teacher")
     kd = KnowledgeDistillation(teacher=str(teacher_dir), teacher_precision="bf16")
-    module, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path / "run", [kd], 6, 3)
+    monitor = MemoryMonitor()
+    module, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path / "run", [kd, monitor], 6, 3)
     teacher = kd.teacher
     assert teacher is not None and not teacher.training
+    # MemoryMonitor shows the teacher on its own lines instead of under "other"
+    teacher_bytes = sum(t.numel() * 2 for t in teacher.parameters()) + sum(
+        t.numel() * t.element_size() for t in teacher.buffers()
+    )
+    assert monitor.breakdown["teacher weights (frozen)"] == teacher_bytes
+    assert monitor.breakdown["teacher logits (KD)"] % (len(CONLL_LABELS) * 4) == 0  # float32, one row per position
+    assert monitor.breakdown["teacher logits (KD)"] >= 16 * len(CONLL_LABELS) * 4  # batch 16, at least a token each
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in teacher.parameters())
     reference = AutoModelForTokenClassification.from_pretrained(teacher_dir)
     for (name, value), (_, original) in zip(teacher.state_dict().items(), reference.state_dict().items(), strict=True):

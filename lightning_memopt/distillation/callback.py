@@ -211,6 +211,7 @@ class KnowledgeDistillation(Callback):
         self.teacher: nn.Module | None = None
         self._teacher_info: Teacher | None = None
         self._student_output: Any = None
+        self._teacher_logits_bytes = 0  # the last step's teacher logits, for MemoryMonitor
         self._hook: Any = None
         self._causal = False  # a decoder LM student: its loss scores position t against label t + 1
         self._patches = InstancePatches()
@@ -228,6 +229,15 @@ class KnowledgeDistillation(Callback):
         self._saved_projections = state_dict.get("projections")
         if self._saved_projections and len(self.layers.projections):
             self.layers.load_state_dict(self._saved_projections)
+
+    def memory_report(self, device_type: str | None = None) -> dict[str, int]:
+        """What distillation adds to a training step's memory, for ``MemoryMonitor``'s breakdown: the frozen
+        teacher's weights (and buffers) and the teacher logits of the last step, held until its KD loss is done."""
+        if self.teacher is None:
+            return {}
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        held = sum(t.numel() * t.element_size() for t in tensors if device_type is None or t.device.type == device_type)
+        return {"teacher weights (frozen)": held, "teacher logits (KD)": self._teacher_logits_bytes}
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
@@ -430,6 +440,7 @@ class KnowledgeDistillation(Callback):
         student_logits = self.outputs_to_logits(self._student_output)
         teacher_output, teacher_inputs = self._teacher_output(batch)
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
+        self._teacher_logits_bytes = teacher_logits.numel() * teacher_logits.element_size()
         mask = self._label_mask(batch, student_logits)
         kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows)
         total = (1 - alpha) * loss + alpha * kd

@@ -74,7 +74,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str | N
 class MemoryMonitor(Callback):
     """Log each training step's peak memory (``peak_memory_mib``) and print a breakdown when fit ends.
 
-    Works with any LightningModule. The breakdown is kept in :attr:`breakdown` (bytes) after fit.
+    Works with any LightningModule. The breakdown is kept in :attr:`breakdown` (bytes) after fit. Other
+    callbacks that hold memory outside the module add their own lines through a ``memory_report(device_type)``
+    method returning ``{line: bytes}``: ``KnowledgeDistillation`` reports its frozen teacher's weights and the
+    teacher logits of the step (the rest of the KD loss's temporaries stay under "other").
     """
 
     def __init__(self) -> None:
@@ -111,6 +114,10 @@ class MemoryMonitor(Callback):
             for dtype, size in optimizer_state_bytes(optimizer, device_type).items():
                 key = f"optimizer state ({dtype})"
                 states[key] = states.get(key, 0) + size
+        for callback in trainer.callbacks:  # what other callbacks hold (a distillation teacher, say)
+            report = getattr(callback, "memory_report", None)
+            if callable(report):
+                states.update(report(device_type))
         states["other (activations, temporaries, runtime)"] = max(0, peak - sum(states.values()))
         states["peak"] = peak
         self.breakdown = states
