@@ -89,3 +89,13 @@ def test_the_recipe_fine_tunes_with_structured_pruning_and_the_shrunk_export_gen
     )
     prompt = torch.tensor([[101, 2054, 2003]])
     assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_memopt_estimate_reads_the_causal_lm_recipe(tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from lightning_memopt.cli import main
+
+    main(["estimate", "--config", str(PROJECT_ROOT / "recipes/causal-lm/smollm2-alpaca.yaml"),
+          f"--model.model_name_or_path={tiny_llama_dir}", "--data.max_length=64", "--config",
+          str(PROJECT_ROOT / "recipes/strategies/fsdp2.yaml"), "--trainer.devices=2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "batch 8 x 64 tokens per device" in out and "Your setting: fsdp2 on 2 device(s)" in out

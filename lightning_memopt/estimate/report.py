@@ -26,6 +26,7 @@ LIGHTNING_DEEPSPEED_BUCKET = 200_000_000  # DeepSpeedStrategy's reduce_bucket_si
 TASKS: dict[str, Task] = {
     "TokenClassificationModule": "token-classification",
     "SequenceClassificationModule": "sequence-classification",
+    "CausalLMModule": "causal-lm",
 }
 PRECISIONS = {"32-true": torch.float32, "32": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 MIXED = ("bf16-mixed", "16-mixed", "bf16", "16")
@@ -123,7 +124,7 @@ def setup_from_config(config: Any) -> Setup:
     module = config.model.class_path.rsplit(".", 1)[-1]
     if module not in TASKS:
         raise ValueError(
-            f"memopt estimate reads configs of {' and '.join(TASKS)}; --model is {config.model.class_path}. "
+            f"memopt estimate reads configs of {', '.join(TASKS)}; --model is {config.model.class_path}. "
             "For another LightningModule, call lightning_memopt.estimate.simulate_step with its model's config."
         )
     model_args, data_args, trainer = config.model.init_args, config.data.init_args, config.trainer
@@ -182,6 +183,15 @@ def load_model_config(model: str, num_labels: int) -> Any:
         ) from None
 
 
+ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def attention_dropout(config: Any) -> float:
+    """The attention dropout a config trains with. Without it (decoder LMs, as a rule) PyTorch's CPU attention
+    also runs a fused kernel that keeps no sequence x sequence probabilities, as CUDA always does."""
+    return max((float(getattr(config, name)) for name in ATTENTION_DROPOUT if hasattr(config, name)), default=0.0)
+
+
 def _peak(step: StepSimulation, setup: Setup, strategy: Strategy, devices: int) -> dict[str, int]:
     if devices == 1 and strategy == "ddp":
         strategy = "single"
@@ -206,7 +216,7 @@ def estimate_report(setup: Setup, model_config: Any, device_memory: int | None =
             setup.sequence_length,
             dtype=dtype,
             activation_checkpointing=ckpt,
-            fused_attention=setup.device == "cuda",
+            fused_attention=setup.device == "cuda" or not attention_dropout(model_config),
         )
         for ckpt in (False, True)
     }

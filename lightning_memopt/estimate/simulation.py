@@ -34,10 +34,11 @@ from torch import nn
 from lightning_memopt.core.blocks import transformer_blocks
 from lightning_memopt.core.compat import checkpoint_activations, mem_tracker_class
 
-Task = Literal["token-classification", "sequence-classification"]
+Task = Literal["token-classification", "sequence-classification", "causal-lm"]
 AUTO_CLASSES = {
     "token-classification": "AutoModelForTokenClassification",
     "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
 }
 CATEGORIES = {
     "Parameter": "parameters",
@@ -127,6 +128,9 @@ def fused_attention_kernel() -> Iterator[None]:
         scale: float | None = None,
         **_: object,
     ) -> torch.Tensor:
+        if key.shape[-3] != query.shape[-3]:  # grouped-query attention: each key/value head serves a group
+            groups = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
         kernel = torch.ops.aten._scaled_dot_product_efficient_attention
         return kernel(query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
 
@@ -153,8 +157,8 @@ def simulate_step(
     ``activation_checkpointing`` wraps each transformer block in composable checkpointing, as
     ``FSDP2Strategy(activation_checkpointing=True)`` does. ``optimizer`` is simulated with its real
     PyTorch implementation (for 8-bit optimizers, see :func:`lightning_memopt.estimate.optimizer_state_bytes`).
-    ``fused_attention`` simulates CUDA's fused attention kernel (:func:`fused_attention_kernel`); leave it
-    off for the CPU.
+    ``fused_attention`` simulates the fused attention kernel (:func:`fused_attention_kernel`) that CUDA runs, and
+    that the CPU runs too when attention has no dropout (decoder LMs); leave it off for a CPU with attention dropout.
     """
     MemTracker = mem_tracker_class()
 
@@ -168,7 +172,7 @@ def simulate_step(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=1e-5) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=1e-5)
     ids = torch.zeros(batch_size, sequence_length, dtype=torch.long, device="meta")
-    label_shape = (batch_size, sequence_length) if task == "token-classification" else (batch_size,)
+    label_shape = (batch_size,) if task == "sequence-classification" else (batch_size, sequence_length)
     labels = torch.zeros(label_shape, dtype=torch.long, device="meta")
 
     def forward() -> torch.Tensor:
