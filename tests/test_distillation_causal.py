@@ -44,6 +44,7 @@ def test_the_kd_mask_counts_the_positions_the_lm_loss_counts() -> None:
     torch.manual_seed(0)
     student, teacher = LlamaForCausalLM(LlamaConfig(**LLAMA)), LlamaForCausalLM(LlamaConfig(**LLAMA))
     batch = prompt_batch()
+    trained_from = copy.deepcopy(student)  # the first fit trains student; the second starts from this copy
     with torch.no_grad():
         student_logits = copy.deepcopy(student)(**batch).logits
         teacher_logits = teacher(**batch).logits
@@ -57,6 +58,14 @@ def test_the_kd_mask_counts_the_positions_the_lm_loss_counts() -> None:
     trainer = quiet_trainer(max_steps=1, callbacks=[kd], enable_checkpointing=False)
     trainer.fit(CausalLM(student), train_dataloaders=DataLoader([batch], batch_size=None))
     assert torch.isclose(trainer.callback_metrics["train_kd"], expected, atol=1e-5)
+
+    # top-k KD through the callback: the loss function's value on the teacher's 5 likeliest tokens
+    top5 = soft_target_kl(student_logits, teacher_logits, 1.0, shifted, top_k=5)
+    kd = KnowledgeDistillation(teacher=teacher, alpha=1.0, temperature=1.0, top_k=5)
+    trainer = quiet_trainer(max_steps=1, callbacks=[kd], enable_checkpointing=False)
+    student = copy.deepcopy(trained_from)
+    trainer.fit(CausalLM(student), train_dataloaders=DataLoader([batch], batch_size=None))
+    assert torch.isclose(trainer.callback_metrics["train_kd"], top5, atol=1e-5)
 
 
 def test_lm_heads_are_found_by_what_they_are_not_by_their_names() -> None:

@@ -86,3 +86,26 @@ def test_the_chunked_kd_loss_has_the_same_value_and_gradient() -> None:
     assert torch.allclose(whole, chunked, atol=1e-6) and torch.allclose(grad_whole, grad_chunked, atol=1e-7)
     with pytest.raises(ValueError, match="chunk_rows must be a positive"):
         soft_target_kl(student, teacher, 2.0, mask, chunk_rows=0)
+
+
+def test_top_k_kd_uses_the_teachers_k_likeliest_classes_renormalised() -> None:
+    student, teacher = [0.5, 1.0, -1.0, 2.0], [3.0, 1.0, 0.0, -2.0]
+    temperature = 2.0
+    s = torch.log_softmax(torch.tensor(student) / temperature, -1).tolist()
+    top = [0, 1]  # the teacher's two likeliest classes
+    q = softmax([teacher[i] / temperature for i in top])
+    by_hand = temperature**2 * sum(qi * (math.log(qi) - s[i]) for qi, i in zip(q, top, strict=True))
+    value = soft_target_kl(torch.tensor([student]), torch.tensor([teacher]), temperature, top_k=2)
+    assert math.isclose(float(value), by_hand, rel_tol=1e-5)
+    full = soft_target_kl(torch.tensor([student]), torch.tensor([teacher]), temperature)
+    assert torch.allclose(soft_target_kl(torch.tensor([student]), torch.tensor([teacher]), temperature, top_k=4), full)
+    # chunked or not, the same value and gradient
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5, 50, requires_grad=True), torch.randn(6, 5, 50)
+    one = soft_target_kl(logits, targets, 2.0, top_k=8)
+    (grad_one,) = torch.autograd.grad(one, logits)
+    chunked = soft_target_kl(logits, targets, 2.0, chunk_rows=7, top_k=8)
+    (grad_chunked,) = torch.autograd.grad(chunked, logits)
+    assert torch.allclose(one, chunked) and torch.allclose(grad_one, grad_chunked, atol=1e-7)
+    with pytest.raises(ValueError, match="top_k must be a positive"):
+        soft_target_kl(logits, targets, top_k=0)

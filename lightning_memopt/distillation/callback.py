@@ -166,6 +166,8 @@ class KnowledgeDistillation(Callback):
         chunk_rows: compute the KD loss this many positions at a time, recomputing each chunk in the
             backward pass: for LLM vocabularies, where the float32 softmax temporaries of a whole sequence
             would take several logits-sized tensors; ``None`` computes it in one pass.
+        top_k: distil on the teacher's ``k`` most likely classes per position only (its distribution renormalised
+            over them, against the student's log-probabilities of those classes); ``None`` uses all of them.
     """
 
     def __init__(
@@ -186,11 +188,14 @@ class KnowledgeDistillation(Callback):
         batch_to_labels: Callable[[Any], Tensor | None] | None = None,
         outputs_to_logits: Callable[[Any], Tensor] | None = None,
         chunk_rows: int | None = None,
+        top_k: int | None = None,
     ) -> None:
         check_alpha_temperature(alpha, temperature)
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive number of positions, or None, got {chunk_rows}.")
-        self.chunk_rows = chunk_rows
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be a positive number of classes, or None (all of them), got {top_k}.")
+        self.chunk_rows, self.top_k = chunk_rows, top_k
         check_alpha_temperature(alpha if alpha_end is None else alpha_end, temperature_end or temperature)
         check_teacher_source(teacher)
         if teacher_precision is not None and teacher_precision not in (*DTYPES, *FROZEN_BITS):
@@ -418,7 +423,7 @@ class KnowledgeDistillation(Callback):
         teacher_output, _ = self._teacher_output(batch)
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
         mask = self._label_mask(batch, student_logits)
-        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask)
+        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask, top_k=self.top_k)
         same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
         agreement = (same[mask] if mask is not None else same).float().mean()
         options = {"batch_size": student_logits.shape[0], "sync_dist": True}
@@ -442,7 +447,7 @@ class KnowledgeDistillation(Callback):
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
         self._teacher_logits_bytes = teacher_logits.numel() * teacher_logits.element_size()
         mask = self._label_mask(batch, student_logits)
-        kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows)
+        kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows, self.top_k)
         total = (1 - alpha) * loss + alpha * kd
         batch_size = student_logits.shape[0]
         if self.layers.active:

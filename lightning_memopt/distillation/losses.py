@@ -54,10 +54,15 @@ def position_mask(labels: Tensor, causal: bool, ignore_index: int = IGNORE_INDEX
     return mask
 
 
-def _kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Summed ``KL(softmax(t/T) ‖ softmax(s/T))`` over rows of logits (float32, whatever their dtype)."""
-    student, teacher = student.float() / temperature, teacher.float() / temperature
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+def _kl_rows(student: Tensor, teacher: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
+    """Summed ``KL(softmax(t/T) ‖ softmax(s/T))`` over rows of logits (float32, whatever their dtype); with ``top_k``,
+    over the teacher's ``k`` most likely classes, its distribution renormalised over them."""
+    log_student = F.log_softmax(student.float() / temperature, -1)
+    teacher = teacher.float() / temperature
+    if top_k is not None and top_k < teacher.shape[-1]:
+        teacher, index = teacher.topk(top_k, dim=-1)
+        log_student = log_student.gather(-1, index)
+    kl = F.kl_div(log_student, F.log_softmax(teacher, -1), log_target=True, reduction="none")
     return kl.sum()
 
 
@@ -67,8 +72,13 @@ def soft_target_kl(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     chunk_rows: int | None = None,
+    top_k: int | None = None,
 ) -> Tensor:
     """``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over positions (rows); masked rows are skipped.
+
+    With ``top_k``, only the teacher's ``k`` most likely classes of each row count: the teacher's distribution
+    renormalised over them against the student's log-probabilities of the same classes (sparse KD for large
+    vocabularies: a teacher's top-k can be computed, stored or sent as ``k`` values per position).
 
     With ``chunk_rows``, the rows are taken ``chunk_rows`` at a time and the gradient is computed with the
     value (:class:`ChunkedKL`), so the float32 softmax temporaries of a large vocabulary exist for one chunk
@@ -82,19 +92,26 @@ def soft_target_kl(
         )
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive number of positions, got {chunk_rows}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of classes, got {top_k}.")
     student = _flatten(student_logits, mask)
     teacher = _flatten(teacher_logits, mask).detach()
     rows = student.shape[0]
     if rows == 0:
         return student_logits.sum() * 0.0
     if chunk_rows is None or rows <= chunk_rows:
-        total = _kl_rows(student, teacher, temperature)
+        total = _kl_rows(student, teacher, temperature, top_k)
     else:
         from torch.utils.checkpoint import checkpoint
 
         total = sum(
             checkpoint(
-                _kl_rows, student[i : i + chunk_rows], teacher[i : i + chunk_rows], temperature, use_reentrant=False
+                _kl_rows,
+                student[i : i + chunk_rows],
+                teacher[i : i + chunk_rows],
+                temperature,
+                top_k,
+                use_reentrant=False,
             )
             for i in range(0, rows, chunk_rows)
         )
