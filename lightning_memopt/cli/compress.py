@@ -13,6 +13,13 @@ The recipe arguments are those of `memopt fit` (e.g. --config recipes/ner/conll2
 recipes/ner/conll2003-offline.yaml --config recipes/strategies/ddp.yaml); every stage runs with them."""
 
 
+def true_or_false(value: str) -> bool:
+    """``true`` or ``false`` (any case), as ``memopt fit`` spells its switches."""
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() == "true"
+
+
 def compress_command(argv: Sequence[str]) -> None:
     """``memopt compress``: train a plan's stages in order, resumably, and write ``D/final``."""
     parser = argparse.ArgumentParser(prog="memopt compress", usage=USAGE, description=compress_command.__doc__)
@@ -24,6 +31,14 @@ def compress_command(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--restart_from", default=None, help="Train this stage and the ones after it again (after a plan change)."
     )
+    parser.add_argument(
+        "--latency",
+        type=true_or_false,
+        default=True,
+        metavar="{true,false}",
+        help="Time the CPU latency of the teacher, each stage and final/ at the end, into compress.json "
+        "(default true; false skips the timing).",
+    )
     args, recipe_args = parser.parse_known_args(list(argv))
     if not recipe_args:
         parser.error("give the task recipe, e.g. --config recipes/ner/conll2003.yaml")
@@ -34,5 +49,6 @@ def compress_command(argv: Sequence[str]) -> None:
         args.output_dir,
         recipe_args,
         restart_from=args.restart_from,
+        latency=args.latency,
         command=["memopt", "compress", *argv],
     )

@@ -2,7 +2,8 @@
 
 Everything goes under the output folder ``D``::
 
-    D/compress.json          plan, command, and per stage: state, steps, metric, sizes, seconds (atomic writes)
+    D/compress.json          plan, command, and per stage: state, steps, metric, sizes, seconds (atomic writes);
+                             the CPU latency of the teacher, the stages and final/ (unless told not to time it)
     D/teacher/               the teacher as a model folder (when --teacher is a checkpoint)
     D/<stage>/start/         a student cut from the start weights (stages with student_layers)
     D/<stage>/stage.yaml     the overlay memopt compress adds: start weights, KD, kept mask, QAT
@@ -236,8 +237,13 @@ def compress(
     recipe_args: Sequence[str] = (),
     restart_from: str | None = None,
     command: Sequence[str] | None = None,
+    latency: bool = True,
 ) -> dict[str, Any]:
-    """Run ``plan`` from ``teacher`` into ``output_dir`` (see the module docstring); return the final state."""
+    """Run ``plan`` from ``teacher`` into ``output_dir`` (see the module docstring); return the final state.
+
+    With ``latency`` (the default) the teacher, each stage's export and ``final/`` are timed at the end
+    (``latency_ms`` in ``compress.json``); without it no timing runs and ``compress.json`` holds no ``latency_ms``.
+    """
     output_dir = Path(output_dir).resolve()
     if restart_from is not None:
         plan.stage(restart_from)  # a clear error for an unknown name
@@ -275,7 +281,10 @@ def compress(
         run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
     final = write_final(plan, output_dir, state)
     state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
-    state["latency_ms"] = record_latency(plan, output_dir, start_weights)
+    if latency:
+        state["latency_ms"] = record_latency(plan, output_dir, start_weights)
+    else:
+        state.pop("latency_ms", None)  # an earlier run's figures need not describe this final/
     save_state(output_dir, state)
     print(summary_table(plan, state), flush=True)
     return state

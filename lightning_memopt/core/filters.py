@@ -59,11 +59,13 @@ def linear_layers(model: nn.Module, limit: int = 8) -> list[str]:
 
 
 EXCLUDED_PARTS = ("embeddings", "pooler", "classifier", "qa_outputs", "lm_head", "predictions", "head")
+ADAPTERS = ("lora_A", "lora_B")  # peft's LoRA adapters: small float matrices trained beside a frozen base layer
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Linear layers of the encoder or decoder: not embeddings, pooler, classifier or other heads."""
-    return is_linear(module) and not any(part in EXCLUDED_PARTS for part in name.split("."))
+    """Linear layers of the encoder or decoder: not embeddings, pooler, classifier or other heads, and not LoRA
+    adapters (a peft model's frozen base layers are selected, its adapters stay float)."""
+    return is_linear(module) and not any(part in EXCLUDED_PARTS or part in ADAPTERS for part in name.split("."))
 
 
 def pattern_filter(patterns: Sequence[str]) -> ModuleFilter:
