@@ -71,3 +71,30 @@ def test_pruning_qat_and_int8_export_on_gpt2(tmp_path: Path) -> None:
 def test_linear_weight_reads_conv1d_as_out_by_in() -> None:
     layer = Conv1D(nf=6, nx=4)
     assert linear_weight(layer).shape == (6, 4)
+
+
+def test_the_lm_head_is_an_opt_in_int8_target_tied_or_not(tmp_path: Path) -> None:
+    """The LM head (often an LLM's largest matrix) joins QAT and the int8 export when named; GPT-2 ties it to
+    the input embeddings, which stay float."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = CausalLM()
+    llama.model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    for module, patterns in ((CausalLM(), [r"\.h\.\d+\.(attn|mlp)\.c_", "lm_head"]), (llama, [r"_proj$", "lm_head"])):
+        qat = QuantizationAwareTraining(modules=patterns)
+        quiet_trainer(max_steps=2, callbacks=[qat], enable_checkpointing=False).fit(module, batches())
+        assert "model.lm_head" in qat.layers
+        model = module.model.eval()
+        prompt = torch.tensor([[5, 17, 42, 8]])
+        with torch.no_grad():
+            fake_quantized = model(prompt).logits
+        convert_to_int8(model)
+        folder = tmp_path / type(model).__name__
+        save_int8(model, folder)
+        reloaded = load_int8(folder)
+        assert isinstance(reloaded.lm_head, Int8DynamicLinear)
+        assert reloaded.get_input_embeddings().weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.allclose(reloaded(prompt).logits, fake_quantized, atol=1e-3)
+        assert reloaded.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
