@@ -59,3 +59,27 @@ def test_a_tokenizer_that_is_not_wordpiece_or_a_model_tied_to_its_vocabulary_is_
         trim_vocabulary(masked, AutoTokenizer.from_pretrained(tagger), ["a text"])
     with pytest.raises(ValueError, match="needs the training texts"):
         trim_vocabulary(load_pretrained(tagger), AutoTokenizer.from_pretrained(tagger), [])
+
+
+def test_keeping_the_first_pieces_keeps_unseen_frequent_words_whole(tagger: Path) -> None:
+    from lightning_memopt.compress.plan import PlanError, parse_plan
+
+    texts = ["EU rejects German call to boycott British lamb ."]
+    tokenizer = AutoTokenizer.from_pretrained(tagger)
+    model = load_pretrained(tagger)
+    with torch.no_grad():
+        before = model(**tokenizer(texts, return_tensors="pt")).logits
+    trimmed, report = trim_vocabulary(model, tokenizer, texts, keep_first=3000)
+    assert report.kept >= 3000 and report.kept < 3000 + 20
+    assert [trimmed.convert_ids_to_tokens(i) for i in range(3000)] == tokenizer.convert_ids_to_tokens(list(range(3000)))
+    with torch.no_grad():
+        assert torch.equal(model(**trimmed(texts, return_tensors="pt")).logits, before)
+    assert trimmed.unk_token_id not in trimmed("the of and")["input_ids"]  # frequent words never seen in training
+
+    stages = [{"name": "student", "student_layers": [0]}]
+    plan = parse_plan({"stages": stages, "final": {"trim_vocabulary": True, "keep_first_pieces": 20000}})
+    assert plan.final.keep_first_pieces == 20000
+    for final, message in (({"trim_vocabulary": True, "keep_first_pieces": -1}, "a number of word pieces"),
+                           ({"keep_first_pieces": 100}, "only matters with `trim_vocabulary: true`")):  # fmt: skip
+        with pytest.raises(PlanError, match=message):
+            parse_plan({"stages": stages, "final": final})

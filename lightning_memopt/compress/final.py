@@ -57,15 +57,18 @@ def calibration_subset(texts: list[str], count: int) -> list[str]:
     return random.Random(0).sample(texts, min(count, len(texts)))
 
 
-def trimmed_folder(source: Path, target: Path, texts: list[str], keep_words: tuple[str, ...]) -> dict[str, Any]:
-    """Write ``source`` with its vocabulary trimmed to ``texts`` and ``keep_words`` into ``target``."""
+def trimmed_folder(
+    source: Path, target: Path, texts: list[str], keep_words: tuple[str, ...], keep_first: int = 0
+) -> dict[str, Any]:
+    """Write ``source`` with its vocabulary trimmed to ``texts``, ``keep_words`` and its first ``keep_first``
+    pieces into ``target``."""
     from transformers import AutoTokenizer
 
     from lightning_memopt.deploy.load import load_pretrained
     from lightning_memopt.deploy.vocabulary import trim_vocabulary
 
     model = load_pretrained(source)
-    tokenizer, report = trim_vocabulary(model, AutoTokenizer.from_pretrained(source), texts, keep_words)
+    tokenizer, report = trim_vocabulary(model, AutoTokenizer.from_pretrained(source), texts, keep_words, keep_first)
     with atomic_folder(target, overwrite=True) as work:
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
@@ -86,7 +89,7 @@ def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> dict[str
     with atomic_folder(output_dir / "final", overwrite=True) as work:
         if final.trim_vocabulary:
             record["vocabulary"] = trimmed_folder(
-                stage_folder / "export", stage_folder / "trimmed", texts, final.keep_words
+                stage_folder / "export", stage_folder / "trimmed", texts, final.keep_words, final.keep_first_pieces
             )
             result = export_folder(
                 stage_folder / "trimmed", work, int8=final.int8, sparse=final.sparse, format=final.format,

@@ -82,7 +82,8 @@ class FinalExport:
     """How ``D/final/`` is written from the last stage.
 
     ``format``, ``int8`` and ``sparse`` are ``memopt export``'s options; ``trim_vocabulary`` keeps only the word
-    pieces the training data uses (plus ``keep_words``' pieces) in the embeddings and tokenizer;
+    pieces the training data uses (plus ``keep_words``' pieces and the vocabulary's first ``keep_first_pieces``,
+    its most frequent ones, which keep more unseen words whole) in the embeddings and tokenizer;
     ``calibration_sentences`` training sentences calibrate OpenVINO's int8; ``min_agreement`` is the share of
     parity positions where an int8 graph must pick the float model's label.
     """
@@ -92,6 +93,7 @@ class FinalExport:
     sparse: bool = False
     trim_vocabulary: bool = False
     keep_words: tuple[str, ...] = ()
+    keep_first_pieces: int = 0
     calibration_sentences: int = 300
     min_agreement: float = 0.995
 
@@ -256,8 +258,12 @@ def parse_plan(raw: Any, name: str = "plan") -> Plan:
     keep = final_raw.get("keep_words", [])
     if not isinstance(keep, list) or not all(isinstance(word, str) for word in keep):
         raise PlanError(f"plan {name}, final: `keep_words` is a list of words to keep in the vocabulary, got {keep!r}")
-    if keep and not final_raw.get("trim_vocabulary"):
-        raise PlanError(f"plan {name}, final: `keep_words` only matters with `trim_vocabulary: true`")
+    first = final_raw.get("keep_first_pieces", 0)
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise PlanError(f"plan {name}, final: `keep_first_pieces` is a number of word pieces (>= 0), got {first!r}")
+    for option, given in (("keep_words", keep), ("keep_first_pieces", first)):
+        if given and not final_raw.get("trim_vocabulary"):
+            raise PlanError(f"plan {name}, final: `{option}` only matters with `trim_vocabulary: true`")
     plan = Plan(name, parsed, dict(kd), FinalExport(**{**final_raw, "keep_words": tuple(keep)}))
     _check_order(plan)
     return plan
