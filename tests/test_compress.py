@@ -11,7 +11,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DDP_TWO_CPUS, MEMOPT, NER, RECIPES, SST2, memopt, save_tiny_bert, small_ner_args, subprocess_env
+from helpers import (
+    DDP_TWO_CPUS,
+    MEMOPT,
+    NER,
+    RECIPES,
+    SST2,
+    memopt,
+    run_together,
+    save_tiny_bert,
+    small_ner_args,
+    subprocess_env,
+    succeeded,
+)
 from safetensors.torch import load_file
 from transformers import BertForTokenClassification
 
@@ -146,6 +158,23 @@ def test_a_student_layer_outside_the_teacher_or_a_teacher_of_another_task_is_ref
         check_teacher(fine, str(tagger), SST2)
 
 
+def test_the_latency_switch_reaches_the_runner_and_leaves_the_recipe_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_memopt.cli import compress as command
+
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(command, "read_plan", lambda path: path)
+    monkeypatch.setattr(command, "compress", lambda *args, **options: calls.append((args, options)))
+    given = ["--plan", "p.yaml", "--teacher", "t.ckpt", "--output_dir", str(tmp_path), *NER]
+    for switch in ([], ["--latency=false"], ["--latency", "True"], ["--latency", "FALSE"]):
+        command.compress_command([*given, *switch])
+    assert [options["latency"] for _, options in calls] == [True, False, True, False]
+    assert all(list(args[3]) == NER for args, _ in calls)
+    with pytest.raises(SystemExit):
+        command.compress_command([*given, "--latency=maybe"])
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT fine-tuned on the CoNLL slice for 6 steps: the teacher of the end-to-end plans."""
@@ -199,8 +228,11 @@ def memopt_failing(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-def compress_args(plan: Path, teacher: Path, out: Path, recipe: list[str]) -> list[str]:
-    return ["compress", "--plan", str(plan), "--teacher", str(teacher), "--output_dir", str(out), *recipe]
+def compress_args(plan: Path, teacher: Path, out: Path, recipe: list[str], latency: bool = False) -> list[str]:
+    """``memopt compress`` arguments; the latency timing (a fresh process timing every model) only where a test
+    reads it."""
+    args = ["compress", "--plan", str(plan), "--teacher", str(teacher), "--output_dir", str(out)]
+    return [*args, f"--latency={str(latency).lower()}", *recipe]
 
 
 def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_killed_stage_to_the_same_weights(
@@ -210,7 +242,14 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     plan.write_text(yaml.safe_dump(TWO_STAGES))
     recipe = small_ner_args(tiny_bert_dir, conll_small, 6)
 
-    whole = memopt(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), cwd=tmp_path)
+    killed_args = [*recipe, "--trainer.callbacks+=helpers.trainers.Interrupt", "--trainer.callbacks.step=7"]
+    whole, killed = run_together(  # independent, side by side: the whole plan, and a run killed in stage prune
+        [
+            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe, latency=True)], tmp_path),
+            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args)], tmp_path),
+        ]
+    )
+    succeeded(whole)
     state = json.loads((tmp_path / "whole" / "compress.json").read_text())
     assert [state["stages"][name]["state"] for name in ("student", "prune")] == ["done", "done"]
     assert state["stages"]["student"]["steps"] == 6 and state["stages"]["prune"]["steps"] == 9
@@ -223,21 +262,28 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     final_config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
     assert final_config["vocab_size"] == final["vocabulary"]["kept"] and final_config["num_hidden_layers"] == 1
     assert "memopt compress: plan tiny" in whole.stdout and "stage 2/2 prune: done" in whole.stdout
-    assert set(state["latency_ms"]["8x128"]) == {"teacher", "student", "prune", "final"}
+    latency = state["latency_ms"]  # --latency=true: every model timed at both batch sizes
+    assert set(latency) == {"8x128", "1x128"} and "timing the teacher" in whole.stdout
+    assert all(set(ms) == {"teacher", "student", "prune", "final"} for ms in latency.values())
+    assert all(ms > 0 for timings in latency.values() for ms in timings.values())
     student_config = json.loads((tmp_path / "whole" / "student" / "export" / "config.json").read_text())
     assert student_config["num_hidden_layers"] == 1
 
-    again = memopt(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), cwd=tmp_path)
-    assert again.stdout.count("done before") == 2 and "resuming" not in again.stdout
-
-    killed_args = [*recipe, "--trainer.callbacks+=helpers.trainers.Interrupt", "--trainer.callbacks.step=7"]
-    killed = memopt_failing(compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args), tmp_path)
     assert (
         killed.returncode == 2 and "stage prune failed" in killed.stderr and "rerun the same command" in killed.stderr
     )
     assert not (tmp_path / "resumed" / "final").exists()  # an interrupted plan writes no final artefact
-    resumed = memopt(compress_args(plan, tiny_teacher, tmp_path / "resumed", recipe), cwd=tmp_path)
-    assert "stage 1/2 student: done before" in resumed.stdout and "resuming its last.ckpt" in resumed.stdout
+
+    again, resumed = run_together(  # the whole plan rerun, and the killed one resumed, side by side
+        [
+            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe)], tmp_path),
+            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", recipe)], tmp_path),
+        ]
+    )
+    assert succeeded(again).stdout.count("done before") == 2 and "resuming" not in again.stdout
+    assert "timing the teacher" not in again.stdout  # --latency=false: no timing, no earlier figures kept
+    assert "latency_ms" not in json.loads((tmp_path / "whole" / "compress.json").read_text())
+    assert "stage 1/2 student: done before" in succeeded(resumed).stdout and "resuming its last.ckpt" in resumed.stdout
     uninterrupted = load_file(tmp_path / "whole" / "prune" / "export" / "model.safetensors")
     after_resume = load_file(tmp_path / "resumed" / "prune" / "export" / "model.safetensors")
     assert uninterrupted.keys() == after_resume.keys()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,6 @@ needs_data = pytest.mark.skipif(
     not TRAIN_FILE.exists() or not DEV_FILE.exists(),
     reason=f"SST-2 data not found under {DATA / 'sst2'} (shared data folder missing)",
 )
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: tiny models gain nothing from more, and on a busy 2-core machine the
-    OpenMP workers of a 2-thread pool spin against other processes (measured ~20x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class StepRecorder(lightning.Callback):
@@ -55,7 +44,7 @@ class StepRecorder(lightning.Callback):
 
 
 @needs_data
-def test_tiny_model_trains_on_sst2_tuples(one_thread: None) -> None:
+def test_tiny_model_trains_on_sst2_tuples() -> None:
     sentiment = load_example()
     lightning.seed_everything(0)
     model = sentiment.TinySentimentModel(hidden_size=32, num_layers=2, num_heads=2)
@@ -101,7 +90,7 @@ def test_cli_entry_point_runs(tmp_path: Path) -> None:
         "--trainer.default_root_dir",
         str(tmp_path),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `one_thread`
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in this process (conftest.one_torch_thread)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").exists()

@@ -8,34 +8,49 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, subprocess_env
+from helpers import PROJECT_ROOT, run_together, subprocess_env
 
 SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_fit.py"
 
 
-def launch(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[dict]:
-    command = [sys.executable, str(SCRIPT), str(out_dir), str(conll_small["train"]), str(model_dir), structure, *extra]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    if "--interrupt" in extra:
+def fit_command(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), str(out_dir), str(conll_small["train"]), str(model_dir), structure, *extra]
+
+
+def rank_records(result: subprocess.CompletedProcess, out_dir: Path) -> list[dict]:
+    """What each rank of a finished run wrote; an interrupted run (``--interrupt``) must have been killed."""
+    if "--interrupt" in result.args:
         assert result.returncode != 0 and "killed" in result.stderr
         return []
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+def launch(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[dict]:
+    (result,) = run_together([(fit_command(out_dir, conll_small, model_dir, structure, *extra), None)])
+    return rank_records(result, out_dir)
+
+
 def test_masks_on_sharded_weights_are_exact_identical_on_both_ranks_and_resume(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    ranks = launch(tmp_path / "unstructured", conll_small, tiny_bert_dir, "unstructured")
+    folders = {run: tmp_path / run for run in ("unstructured", "straight", "resumed")}
+    runs = [  # independent runs, side by side
+        fit_command(folders["unstructured"], conll_small, tiny_bert_dir, "unstructured"),
+        fit_command(folders["straight"], conll_small, tiny_bert_dir, "heads_and_neurons"),
+        fit_command(folders["resumed"], conll_small, tiny_bert_dir, "heads_and_neurons", "--interrupt", "5"),
+    ]
+    unstructured, straight_run, killed = run_together([(run, None) for run in runs])
+    ranks = rank_records(unstructured, folders["unstructured"])
     for record in ranks:
         assert record["sharded_blocks"] == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
         assert record["sharded"]  # the callback masked DTensor shards, not full copies
         assert record["zeros"] and all(z == pytest.approx(0.5) for z in record["zeros"].values())
     assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["masks"] == ranks[1]["masks"]
 
-    straight = launch(tmp_path / "straight", conll_small, tiny_bert_dir, "heads_and_neurons")
+    straight = rank_records(straight_run, folders["straight"])
     assert [sum(kept) for kept in straight[0]["kept_units"].values()] == [32, 1, 32, 1]
-    launch(tmp_path / "resumed", conll_small, tiny_bert_dir, "heads_and_neurons", "--interrupt", "5")
+    rank_records(killed, folders["resumed"])
     checkpoint = tmp_path / "resumed" / "last.ckpt"  # a distributed (sharded) checkpoint folder, saved at step 4
     resumed = launch(
         tmp_path / "resumed", conll_small, tiny_bert_dir, "heads_and_neurons", "--ckpt_path", str(checkpoint)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MEMOPT, RECIPES, fake_trainer, memopt, small_ner_args, subprocess_env
+from helpers import MEMOPT, RECIPES, fake_trainer, memopt, run_together, small_ner_args, subprocess_env
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from transformers import AutoModelForTokenClassification
 
@@ -54,15 +54,11 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_weights(
     args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=6), *PRESETS[preset]]
     for run in ("straight", "resumed"):
         (tmp_path / run).mkdir()
-    memopt(args, cwd=tmp_path / "straight")
-    killed = subprocess.run(
-        [*MEMOPT, *args, "--trainer.callbacks+=param_digest.KillAfterStep", "--trainer.callbacks.step=4"],
-        cwd=tmp_path / "resumed",
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    kill = ["--trainer.callbacks+=param_digest.KillAfterStep", "--trainer.callbacks.step=4"]
+    straight_run, killed = run_together(  # independent runs, side by side
+        [([*MEMOPT, *args], tmp_path / "straight"), ([*MEMOPT, *args, *kill], tmp_path / "resumed")]
     )
+    assert straight_run.returncode == 0, straight_run.stdout[-3000:] + straight_run.stderr[-5000:]
     assert killed.returncode != 0
     assert read_checkpoint(last_checkpoint(tmp_path / "resumed"), tensors=False)["global_step"] == 3
     resumed = memopt([*args, "--ckpt_path=last"], cwd=tmp_path / "resumed")

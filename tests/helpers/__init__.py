@@ -11,8 +11,10 @@ from helpers.cli import (
     digest_args,
     memopt,
     read_digests,
+    run_together,
     small_ner_args,
     subprocess_env,
+    succeeded,
 )
 from helpers.models import TOKENIZER_FILES, copy_tokenizer, save_tiny_bert, tiny_bert_config
 from helpers.paths import (
@@ -49,8 +51,10 @@ __all__ = [
     "minilm_dir",
     "quiet_trainer",
     "read_digests",
+    "run_together",
     "save_tiny_bert",
     "small_ner_args",
     "subprocess_env",
+    "succeeded",
     "tiny_bert_config",
 ]

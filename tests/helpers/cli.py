@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from helpers.paths import PROJECT_ROOT, RECIPES
@@ -63,9 +65,43 @@ def small_ner_args(tiny_bert_dir: Path, conll_small: dict[str, Path], steps: int
     ]
 
 
+def run_together(
+    commands: Sequence[tuple[Sequence[str], Path | None]], timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
+    """Run independent commands (each with its working folder) at the same time, in ``subprocess_env``; their
+    results in order, whatever their exit status.
+
+    A run on two CPU processes leaves a core idle while each rank imports torch and Lightning (most of a short
+    run), so two runs side by side take little longer than one.
+    """
+    processes = [
+        subprocess.Popen(
+            list(command), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for command, cwd in commands
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
 def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
+    return succeeded(result)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` after checking it exited with 0 (else its output's tails in the failure)."""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
