@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import Interrupt, quiet_trainer
-from lightning.pytorch import LightningModule
+from helpers.models import TINY_LLAMA, PlainCausalLM
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,24 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_memopt import PruningScheduler
 from lightning_memopt.pruning import FFNLayout, find_unit_groups, register_layout, shrink_pruned
 from lightning_memopt.pruning.units import FFN_LAYOUTS
-
-LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-
-
-class CausalLM(LightningModule):
-    """A plain module whose training step calls ``self.model(...)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(**batch).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 def batches() -> DataLoader:
@@ -47,8 +29,8 @@ def pruning() -> PruningScheduler:
     return PruningScheduler(final_sparsity=0.5, structure="heads_and_neurons", scope="layer", start=0, end=4, every=2)
 
 
-def fit(root: Path, callbacks: list, ckpt_path: str | None = None) -> CausalLM:
-    module = CausalLM()
+def fit(root: Path, callbacks: list, ckpt_path: str | None = None) -> PlainCausalLM:
+    module = PlainCausalLM()
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=2)
     trainer = quiet_trainer(max_steps=8, max_epochs=-1, default_root_dir=root, callbacks=[checkpoint, *callbacks])
     trainer.fit(module, batches(), ckpt_path=ckpt_path)
@@ -56,7 +38,7 @@ def fit(root: Path, callbacks: list, ckpt_path: str | None = None) -> CausalLM:
 
 
 def test_gqa_units_are_key_value_groups_and_swiglu_neurons_span_gate_up_and_down() -> None:
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     groups = {group.name: group for group in find_unit_groups(model, "heads_and_neurons")}
     attention, mlp = groups["model.layers.0.self_attn"], groups["model.layers.0"]
     assert (attention.count, attention.size) == (2, 16)  # 2 key/value heads, each with 2 query heads of 8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from helpers import quiet_trainer
-from lightning.pytorch import LightningModule
+from helpers.models import TINY_LLAMA, PlainCausalLM
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,26 +16,15 @@ from lightning_memopt.quantization import FakeQuantLinear, Int8DynamicLinear, co
 
 peft = __import__("pytest").importorskip("peft", reason="peft (in the test extra) is not installed")
 
-LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
 
-
-class LoRALM(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA))
-        self.model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(**batch).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+def lora_lm() -> PlainCausalLM:
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    return PlainCausalLM(peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), 1e-2)
 
 
 def test_lora_with_qat_quantizes_the_frozen_base_keeps_adapters_float_and_exports_merged(tmp_path: Path) -> None:
-    module = LoRALM()
+    module = lora_lm()
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     qat = QuantizationAwareTraining()
     ids = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(0))

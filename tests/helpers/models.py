@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, BertModel
+from lightning.pytorch import LightningModule
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from helpers.paths import minilm_dir
 
@@ -40,3 +41,24 @@ def save_tiny_bert(folder: Path, model_class: type = BertModel, seed: int = 0, *
     model_class(tiny_bert_config(**overrides)).save_pretrained(folder)
     copy_tokenizer(folder)
     return folder
+
+
+TINY_LLAMA = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}  # fmt: skip
+
+
+class PlainCausalLM(LightningModule):
+    """A plain module whose training step calls ``self.model(...)``: a seeded tiny Llama (4 query / 2 key-value
+    heads, SwiGLU), or ``model``; AdamW over the trainable parameters."""
+
+    def __init__(self, model: torch.nn.Module | None = None, learning_rate: float = 1e-3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = model if model is not None else LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+        self.learning_rate = learning_rate
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
