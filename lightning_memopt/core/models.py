@@ -48,6 +48,7 @@ class CheckpointModel:
     prefix: str  # the state-dict prefix it was found under, e.g. "model."
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # monitored metric -> best score, as checkpointed
+    ignored: dict[str, torch.Tensor] = field(default_factory=dict)  # the ``ignore`` submodule's tensors, unprefixed
 
 
 def checkpoint_scores(checkpoint: dict[str, Any]) -> dict[str, float]:
@@ -139,7 +140,8 @@ def model_from_checkpoint(
     """The ``transformers`` model in the checkpoint at ``path`` (file or sharded folder), weights loaded.
 
     ``ignore``: a submodule name whose weights are not the model's own (quantizers a technique added and
-    rebuilds itself); keys holding ``.<ignore>.`` are left out of the match and the load.
+    rebuilds itself); keys holding ``.<ignore>.`` are left out of the match and the load, and returned in
+    ``ignored`` for the technique to load.
     """
     from transformers import AutoConfig
 
@@ -148,8 +150,8 @@ def model_from_checkpoint(
     hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
     config_source = _config_source(hyper_parameters, source, path)
     weights = checkpoint.get("state_dict") or {}
-    if ignore is not None:
-        weights = {key: value for key, value in weights.items() if f".{ignore}." not in f".{key}"}
+    ignored = {key: value for key, value in weights.items() if ignore is not None and f".{ignore}." in f".{key}"}
+    weights = {key: value for key, value in weights.items() if key not in ignored}
     labels = hyper_parameters.get("labels")
     for candidate in [prefix] if prefix is not None else candidate_prefixes(list(weights)):
         state = {key[len(candidate) :]: value for key, value in weights.items() if key.startswith(candidate)}
@@ -165,7 +167,12 @@ def model_from_checkpoint(
             model.load_state_dict(state, strict=True)
             model.eval()
             return CheckpointModel(
-                model, resolve_pretrained(config_source), candidate, hyper_parameters, checkpoint_scores(checkpoint)
+                model,
+                resolve_pretrained(config_source),
+                candidate,
+                hyper_parameters,
+                checkpoint_scores(checkpoint),
+                {key[len(candidate) :]: value for key, value in ignored.items() if key.startswith(candidate)},
             )
     raise ValueError(
         f"No transformers model of {config_source!r} matches the weights in {path} under any of the prefixes "

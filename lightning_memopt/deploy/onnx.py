@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_memopt.quantization.openvino_qat import onnx_qdq_export, quantizer_count
+from lightning_memopt.quantization.openvino_qat import holds_trained_quantizers, onnx_qdq_export
 
 ONNX_FILE = "model.onnx"
 OPSET = 18
@@ -209,11 +209,7 @@ def write_onnx(
     """``folder/model.onnx`` (float32, ONNX Runtime dynamic int8, or the QDQ graph of a model holding NNCF's
     trained quantizers), after the parity check passes."""
     require_deploy_extra("onnx", "onnxscript", "onnxruntime")
-    trained = quantizer_count(model) > 0
-    if trained and not int8:
-        raise ValueError(
-            "The model holds NNCF's int8 quantizers (OpenVINOQuantizationAwareTraining): export with --int8."
-        )
+    trained = holds_trained_quantizers(model, int8)
     names, batch, reference = reference_logits(model, tokenizer)
     target = folder / ONNX_FILE
     if trained:

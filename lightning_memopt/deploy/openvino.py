@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.deploy.onnx import (
     INT8_AGREEMENT,
@@ -39,7 +38,7 @@ from lightning_memopt.deploy.onnx import (
     reference_logits,
     require_deploy_extra,
 )
-from lightning_memopt.quantization.openvino_qat import HOOKS, load_quantized, quantizer_count
+from lightning_memopt.quantization.openvino_qat import HOOKS, holds_trained_quantizers, load_quantized
 
 log = logging.getLogger(__name__)
 OPENVINO_FILE = "openvino_model.xml"
@@ -85,11 +84,7 @@ def write_openvino(
     require_deploy_extra("onnx", "onnxscript", "openvino", *(["nncf"] if int8 else []))
     import openvino as ov
 
-    trained = quantizer_count(model) > 0
-    if trained and not int8:
-        raise ValueError(
-            "The model holds NNCF's int8 quantizers (OpenVINOQuantizationAwareTraining): export with --int8."
-        )
+    trained = holds_trained_quantizers(model, int8)
     names, batch, reference = reference_logits(model, tokenizer)
     if trained:  # the quantizers and their trained scales become the IR's FakeQuantize operations
         converted = ov.convert_model(model, example_input=dict(batch))
@@ -141,7 +136,6 @@ def openvino_qat_model(
 
     require_deploy_extra("nncf")
     found = model_from_checkpoint(ckpt_path, source, prefix or f"{state['attribute']}.", ignore=HOOKS)
-    weights = read_checkpoint(ckpt_path)["state_dict"]
-    own = {key[len(found.prefix) :]: value for key, value in weights.items() if key.startswith(found.prefix)}
+    own = {**found.model.state_dict(), **found.ignored}  # the checkpoint's weights and quantizers, read once
     example = parity_batch(AutoTokenizer.from_pretrained(found.source), list(state["inputs"]))
     return load_quantized(found.model, own, example), found.source, found.prefix

@@ -93,6 +93,16 @@ def quantizer_count(model: nn.Module) -> int:
     return sum(1 for module in hooks.modules() if "Quantizer" in type(module).__name__)
 
 
+def holds_trained_quantizers(model: nn.Module, int8: bool) -> bool:
+    """Whether ``model`` holds NNCF's quantizers; such a model exports only as int8 (its float form was never trained)."""
+    trained = quantizer_count(model) > 0
+    if trained and not int8:
+        raise ValueError(
+            "The model holds NNCF's int8 quantizers (OpenVINOQuantizationAwareTraining): export with --int8."
+        )
+    return trained
+
+
 def load_quantized(model: nn.Module, state: Mapping[str, Tensor], example: Mapping[str, Tensor]) -> nn.Module:
     """The quantized model a checkpoint's ``state`` (the model's own keys, quantizers included) was trained as.
 
