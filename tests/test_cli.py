@@ -19,6 +19,7 @@ from helpers import (
     SST2,
     digest_args,
     memopt,
+    memopt_command,
     read_digests,
     small_ner_args,
     subprocess_env,
@@ -275,8 +276,8 @@ def test_two_nodes_with_torchrun(
             f"--node_rank={node_rank}",
             "--master_addr=127.0.0.1",
             f"--master_port={port}",
-            "-m",
-            "lightning_memopt.cli",
+            "--no-python",
+            *memopt_command(),
             *args,
         ]
         launchers.append(

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from helpers import (
     DDP_TWO_CPUS,
-    MEMOPT,
     NER,
     RECIPES,
     SST2,
     memopt,
+    memopt_command,
     run_together,
     save_tiny_bert,
     small_ner_args,
@@ -225,7 +225,9 @@ TWO_STAGES = {
 
 def memopt_failing(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run ``memopt`` expecting it may fail: the result, whatever its exit status."""
-    return subprocess.run([*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*memopt_command(), *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def compress_args(plan: Path, teacher: Path, out: Path, recipe: list[str], latency: bool = False) -> list[str]:
@@ -245,8 +247,11 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     killed_args = [*recipe, "--trainer.callbacks+=helpers.trainers.Interrupt", "--trainer.callbacks.step=7"]
     whole, killed = run_together(  # independent, side by side: the whole plan, and a run killed in stage prune
         [
-            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe, latency=True)], tmp_path),
-            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args)], tmp_path),
+            (
+                [*memopt_command(), *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe, latency=True)],
+                tmp_path,
+            ),
+            ([*memopt_command(), *compress_args(plan, tiny_teacher, tmp_path / "resumed", killed_args)], tmp_path),
         ]
     )
     succeeded(whole)
@@ -276,8 +281,8 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
 
     again, resumed = run_together(  # the whole plan rerun, and the killed one resumed, side by side
         [
-            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe)], tmp_path),
-            ([*MEMOPT, *compress_args(plan, tiny_teacher, tmp_path / "resumed", recipe)], tmp_path),
+            ([*memopt_command(), *compress_args(plan, tiny_teacher, tmp_path / "whole", recipe)], tmp_path),
+            ([*memopt_command(), *compress_args(plan, tiny_teacher, tmp_path / "resumed", recipe)], tmp_path),
         ]
     )
     assert succeeded(again).stdout.count("done before") == 2 and "resuming" not in again.stdout
@@ -411,8 +416,8 @@ def test_a_plan_runs_on_two_nodes_under_torchrun_with_rank_0_writing(
         torchrun += [f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
         command = [
             *torchrun,
-            "-m",
-            "lightning_memopt.cli",
+            "--no-python",
+            *memopt_command(),
             *compress_args(plan, tiny_teacher, tmp_path / "out", recipe),
         ]
         launchers.append(

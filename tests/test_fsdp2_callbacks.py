@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, run_together, subprocess_env
+from helpers import PROJECT_ROOT, fast_python, run_together, subprocess_env
 
 SCRIPT = PROJECT_ROOT / "tests" / "fsdp2_fit.py"
 
 
 def fit_command(out_dir: Path, conll_small: dict[str, Path], model_dir: Path, structure: str, *extra: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), str(out_dir), str(conll_small["train"]), str(model_dir), structure, *extra]
+    return [fast_python(), str(SCRIPT), str(out_dir), str(conll_small["train"]), str(model_dir), structure, *extra]
 
 
 def rank_records(result: subprocess.CompletedProcess, out_dir: Path) -> list[dict]:
@@ -78,7 +77,7 @@ def test_distillation_teacher_is_a_full_replica_outside_the_sharded_student(
 def test_a_module_that_calls_self_model_in_training_step_trains_under_fsdp2(tmp_path: Path) -> None:
     script = PROJECT_ROOT / "tests" / "fsdp2_plain_fit.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=subprocess_env(), capture_output=True, text=True, timeout=300
+        [fast_python(), str(script), str(tmp_path)], env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]  # was: "mixed torch.Tensor and DTensor" at the embedding
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MEMOPT, RECIPES, fake_trainer, memopt, run_together, small_ner_args, subprocess_env
+from helpers import RECIPES, fake_trainer, memopt, memopt_command, run_together, small_ner_args, subprocess_env
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from transformers import AutoModelForTokenClassification
 
@@ -56,7 +56,7 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_weights(
         (tmp_path / run).mkdir()
     kill = ["--trainer.callbacks+=param_digest.KillAfterStep", "--trainer.callbacks.step=4"]
     straight_run, killed = run_together(  # independent runs, side by side
-        [([*MEMOPT, *args], tmp_path / "straight"), ([*MEMOPT, *args, *kill], tmp_path / "resumed")]
+        [([*memopt_command(), *args], tmp_path / "straight"), ([*memopt_command(), *args, *kill], tmp_path / "resumed")]
     )
     assert straight_run.returncode == 0, straight_run.stdout[-3000:] + straight_run.stderr[-5000:]
     assert killed.returncode != 0
@@ -106,7 +106,7 @@ def test_offload_on_cpu_is_refused_before_training(
 ) -> None:
     args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps=2), *overlay]
     result = subprocess.run(
-        [*MEMOPT, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        [*memopt_command(), *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0
     assert message in result.stderr

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
@@ -55,6 +56,9 @@ def require_nncf() -> Any:
         raise ModuleNotFoundError(
             "OpenVINOQuantizationAwareTraining needs NNCF: pip install 'lightning-memopt[deploy]'."
         )
+    # NNCF compiles its C++ quantization kernels on first use in an environment (over a minute on 2 busy cores,
+    # and each DDP rank waits on the same build) and gives up after 60 s by default (scripts/setup.sh builds them).
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "300")
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-step progress lines would flood the fit log

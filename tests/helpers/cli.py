@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from helpers.paths import PROJECT_ROOT, RECIPES
+from helpers.zygote import zygote_python
 
 NER = ["--config", str(RECIPES / "ner/conll2003.yaml"), "--config", str(RECIPES / "ner/conll2003-offline.yaml")]
 SST2 = [
@@ -20,7 +20,17 @@ SST2 = [
     str(RECIPES / "classification/sst2-offline.yaml"),
 ]
 DDP_TWO_CPUS = ["--config", str(RECIPES / "strategies/ddp.yaml"), "--trainer.devices=2", "--trainer.accelerator=cpu"]
-MEMOPT = [sys.executable, "-m", "lightning_memopt.cli"]
+
+
+def fast_python() -> str:
+    """The interpreter for ``-m lightning_memopt...`` runs and the tests' scripts: the test zygote's client
+    (``helpers/zygote.py``), which starts the same run without importing torch, transformers and Lightning again."""
+    return zygote_python(subprocess_env())
+
+
+def memopt_command() -> list[str]:
+    """``python -m lightning_memopt.cli``, through :func:`fast_python`."""
+    return [fast_python(), "-m", "lightning_memopt.cli"]
 
 
 def subprocess_env(threads: int = 1) -> dict[str, str]:
@@ -96,7 +106,7 @@ def run_together(
 
 def memopt(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [*MEMOPT, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+        [*memopt_command(), *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
     return succeeded(result)
 
