@@ -1,11 +1,12 @@
 """Cut structurally pruned heads and neurons out of a model, so it is smaller and faster.
 
 After structured pruning the pruned units' weights are exactly zero (see :mod:`.units`).
-:func:`shrink_pruned` finds those all-zero units and slices them out of the Linear layers:
+:func:`shrink_pruned` finds those all-zero units and slices them out of the linear layers (``nn.Linear``, or
+``Conv1D`` for GPT-2, replaced by smaller ones of the same kind):
 
 - **Feed-forward neurons** are removed when every block keeps the same number, and the config's
-  ``intermediate_size`` (``hidden_dim`` for DistilBERT) is updated, so ``save_pretrained`` writes a
-  folder that plain ``transformers`` loads.
+  ``intermediate_size`` (``hidden_dim`` for DistilBERT, ``n_inner`` for GPT-2) is updated, so
+  ``save_pretrained`` writes a folder that plain ``transformers`` loads.
 - **Attention heads** are removed with ``heads=True`` (whole key/value groups under grouped-query attention).
   When a Llama-style config can say it (every layer keeps the same number of groups), its
   ``num_key_value_heads`` and ``num_attention_heads`` are updated and plain ``from_pretrained`` reloads the
@@ -15,7 +16,9 @@ After structured pruning the pruned units' weights are exactly zero (see :mod:`.
   (``{"heads": {group: kept}, "neurons": {group: kept}}``): :func:`apply_recorded_shrink` rebuilds
   those shapes, and ``lightning_memopt.load_pretrained(folder)`` reloads such a folder from itself.
   Plain ``from_pretrained`` refuses it (the attention weights do not fit the config), never loading
-  it silently with the full shape.
+  it silently with the full shape. GPT-2 always takes this way (its head size is ``n_embd / n_head``, so
+  its config cannot say fewer heads); cutting its heads also updates the attention block's ``num_heads``
+  and ``split_size`` (the width its forward splits ``c_attn``'s ``q|k|v`` output by).
 
 The shrunk model computes exactly what the masked model computes.
 
@@ -38,9 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_memopt.pruning.units import UnitGroup, find_unit_groups, unit_index
+from lightning_memopt.core.filters import conv1d_class
+from lightning_memopt.pruning.units import UnitGroup, find_unit_groups, unit_features, unit_index
 
 SHRUNK_KEY = "memopt_shrunk"  # config.json: {"heads": {group: kept}, "neurons": {group: kept}}
+FFN_WIDTH_FIELDS = ("hidden_dim", "n_inner")  # DistilBERT, GPT-2; else intermediate_size
 
 
 @dataclass(frozen=True)
@@ -59,31 +64,42 @@ def zero_units(group: UnitGroup, params: dict[str, Tensor]) -> Tensor:
     for piece in group.slices:
         tensor = params[piece.param].detach()
         nonzero = tensor.ne(0) if tensor.dim() == 1 else tensor.ne(0).any(dim=1 - piece.dim)
-        zero &= ~nonzero.view(group.count, piece.size).any(dim=1).cpu()
+        zero &= ~unit_features(nonzero, piece, group.count).any(dim=1).cpu()
     return zero
 
 
-def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
-    """A new Linear with only the kept output (dim 0) or input (dim 1) features."""
+def _slice_linear(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
+    """A new ``nn.Linear`` (or ``Conv1D``) with only the kept features along the weight's ``dim``."""
     weight = layer.weight.detach().index_select(dim, keep).clone()
-    out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    if isinstance(layer, nn.Linear):
+        out_dim, (out_features, in_features) = 0, weight.shape
+        new = nn.Linear(
+            in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+    else:  # Conv1D: weight [in, out], always a bias
+        out_dim, (in_features, out_features) = 1, weight.shape
+        new = conv1d_class()(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach() if dim == 1 else layer.bias.detach().index_select(0, keep))
+            new.bias.copy_(layer.bias.detach() if dim != out_dim else layer.bias.detach().index_select(0, keep))
     return new
 
 
 def remove_units(model: nn.Module, group: UnitGroup, keep: Tensor) -> None:
-    """Slice the units ``keep`` drops out of every Linear layer the group spans (in place)."""
+    """Slice the units ``keep`` drops out of every linear layer the group spans, and set the attributes counting
+    them (GPT-2's ``num_heads``, ``split_size``) to the kept values (in place)."""
     for piece in group.slices:
         if piece.param.endswith(".bias"):
             continue  # sliced together with its weight
         path = piece.param.removesuffix(".weight")
         linear = model.get_submodule(path)
-        index = unit_index(keep, piece.size).nonzero().squeeze(1)
+        index = unit_index(keep, piece.size, piece.parts).nonzero().squeeze(1)
         model.set_submodule(path, _slice_linear(linear, index.to(linear.weight.device), piece.dim))
+    kept = int(keep.sum())
+    for path, per_unit in group.attributes:
+        owner, _, attribute = path.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, kept * per_unit)
 
 
 def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:
@@ -106,7 +122,7 @@ def shrink_pruned(model: nn.Module, heads: bool = False) -> ShrinkReport:
         remove_units(model, group, keep)
     config = getattr(model, "config", None)
     if config is not None:
-        field = "hidden_dim" if hasattr(config, "hidden_dim") else "intermediate_size"
+        field = next((name for name in FFN_WIDTH_FIELDS if hasattr(config, name)), "intermediate_size")
         setattr(config, field, neurons_kept)
     heads_kept = {}
     if heads:

@@ -45,6 +45,9 @@ def save_tiny_bert(folder: Path, model_class: type = BertModel, seed: int = 0, *
 
 TINY_LLAMA = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}  # fmt: skip
+# GPT-2: fused q|k|v Conv1D attention; no dropout (as TINY_LLAMA), so a resumed run matches a straight one exactly
+TINY_GPT2 = {"vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32,
+             "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0}  # fmt: skip
 
 
 class PlainCausalLM(LightningModule):
