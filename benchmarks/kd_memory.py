@@ -1,13 +1,22 @@
 """Extra peak memory of the KD loss at LLM scale on CPU: one pass against chunks (``KnowledgeDistillation(chunk_rows=)``).
 
-Each variant runs in its own process: student logits (requiring grad) and teacher logits of one
-2,048-token sequence over a 32,000-token vocabulary are made first (262 MB each in float32), then the KD
-loss and its backward pass run; the peak resident memory beyond what the inputs and the gradient take is
-the loss's own extra, compared with the size of one full-sequence logits tensor. The gradient of the logits
-(one logits-sized tensor, which any loss on them produces) counts as extra. glibc's allocator is asked
-to return large blocks (``MALLOC_MMAP_THRESHOLD_``) so resident memory follows live tensors.
+Each variant runs in its own process on one 2,048-token sequence over a 32,000-token vocabulary (one float32
+logits tensor: 250 MiB). The student logits require grad and are either
 
-    python benchmarks/kd_memory.py [--sequence 2048] [--vocab 32000] [--chunk_rows 256]
+- a leaf tensor (``leaf``), or
+- the output of an LM head (``LM head``): hidden states ``[1, 2048, H]`` (requiring grad, as a model's body
+  gives them) times a weight ``[H, 32000]`` that requires grad, so the logits are not a leaf and their
+  gradient flows on into the head's matmul backward (``H`` = ``--hidden``).
+
+The inputs (teacher logits, student logits, hidden states and weight) are made first; then the KD loss
+and its backward pass run, and the peak resident memory beyond what was resident before is the extra,
+compared with the size of one full-sequence logits tensor. The gradient of the logits (one logits-sized
+tensor, which any loss on them produces) counts as extra; so do the gradients of the head's weight and of
+the hidden states, which a training step produces with any loss: the table also gives the extra net of
+the weight's gradient. glibc's allocator is asked to return large blocks (``MALLOC_MMAP_THRESHOLD_``) so
+resident memory follows live tensors.
+
+    python benchmarks/kd_memory.py [--sequence 2048] [--vocab 32000] [--hidden 1024] [--chunk_rows 256 64]
 
 Writes benchmarks/results/kd-memory.json and docs/results/kd-memory.md.
 """
@@ -25,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PAGES, RESULTS, cpu_flags, machine, today
 
 MIB = 2**20
+LOGITS = {"leaf": "leaf", "head": "LM head"}
 
 
 def rss_mib() -> float:
@@ -42,38 +52,64 @@ def peak_mib() -> float:
     return 0.0
 
 
-def child(sequence: int, vocab: int, chunk_rows: int | None) -> dict:
+def child(logits: str, sequence: int, vocab: int, hidden: int, chunk_rows: int | None) -> dict:
     import torch
 
     from lightning_memopt.distillation.losses import soft_target_kl
 
     torch.manual_seed(0)
-    student = torch.randn(1, sequence, vocab, requires_grad=True)  # its gradient is taken over, not copied
     teacher = torch.randn(1, sequence, vocab)
+    weight_grad_mib = 0.0
+    if logits == "leaf":
+        student = torch.randn(1, sequence, vocab, requires_grad=True)  # its gradient is taken over, not copied
+    else:
+        states = torch.randn(1, sequence, hidden, requires_grad=True)
+        weight = (torch.randn(hidden, vocab) / hidden**0.5).requires_grad_()
+        with torch.no_grad():
+            student = states @ weight  # made without a graph: the matmul's inputs exist, not its temporaries
+        student = states @ weight  # the same values, now a non-leaf with a graph back to the head
+        weight_grad_mib = weight.numel() * weight.element_size() / MIB
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to what is resident now
     before = rss_mib()
     loss = soft_target_kl(student, teacher, 2.0, None, chunk_rows)
     loss.backward()
-    return {"extra_peak_mib": round(peak_mib() - before, 1), "loss": float(loss)}
+    extra = peak_mib() - before
+    return {
+        "logits": LOGITS[logits],
+        "chunk_rows": chunk_rows,
+        "extra_peak_mib": round(extra, 1),
+        "head_weight_grad_mib": round(weight_grad_mib, 1),
+        "extra_beyond_weight_grad_mib": round(extra - weight_grad_mib, 1),
+        "loss": loss.item(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--chunk_rows", type=int, default=256)
-    parser.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024, help="width of the LM head's input")
+    parser.add_argument("--chunk_rows", type=int, nargs="+", default=[256, 64])
+    parser.add_argument("--_child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        sequence, vocab, chunk = args._child
-        print(json.dumps(child(int(sequence), int(vocab), None if chunk == "none" else int(chunk))))
+        logits, sequence, vocab, hidden, chunk = args._child
+        chunk_rows = None if chunk == "none" else int(chunk)
+        print(json.dumps(child(logits, int(sequence), int(vocab), int(hidden), chunk_rows)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     rows = {}
-    for name, chunk in (("one pass", "none"), (f"chunks of {args.chunk_rows} positions", str(args.chunk_rows))):
-        command = [sys.executable, __file__, "--_child", str(args.sequence), str(args.vocab), chunk]
-        rows[name] = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+    chunks = [("one pass", "none")] + [(f"chunks of {n} positions", str(n)) for n in args.chunk_rows]
+    for logits in LOGITS:
+        for how, chunk in chunks:
+            command = [sys.executable, __file__, "--_child", logits, str(args.sequence), str(args.vocab)]
+            command += [str(args.hidden), chunk]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            rows[f"{LOGITS[logits]}, {how}"] = json.loads(done.stdout)
     logits_mib = args.sequence * args.vocab * 4 / MIB
+    for row in rows.values():
+        row["extra_in_logits_tensors"] = round(row["extra_peak_mib"] / logits_mib, 2)
+        row["beyond_weight_grad_in_logits_tensors"] = round(row["extra_beyond_weight_grad_mib"] / logits_mib, 2)
     payload = {
         "command": "python benchmarks/kd_memory.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
@@ -81,9 +117,10 @@ def main() -> None:
         "date": today(),
         "sequence": args.sequence,
         "vocab": args.vocab,
+        "hidden": args.hidden,
         "logits_mib": round(logits_mib, 1),
         "variants": rows,
-        "extra_in_logits_tensors": {name: round(row["extra_peak_mib"] / logits_mib, 2) for name, row in rows.items()},
+        "extra_in_logits_tensors": {name: row["extra_in_logits_tensors"] for name, row in rows.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kd-memory.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -96,13 +133,21 @@ def main() -> None:
         f"- Date: {payload['date']}",
         "",
         f"One sequence of {args.sequence} tokens over a {args.vocab:,}-token vocabulary: one float32 logits tensor is "
-        f"{logits_mib:.0f} MiB. Extra = peak resident memory of the loss and its backward pass beyond the two "
-        "logits tensors, the logits' own gradient included (each variant in its own process).",
+        f"{logits_mib:.0f} MiB. Extra = peak resident memory of the KD loss and its backward pass beyond the "
+        "inputs (teacher and student logits, and for the LM head its input and weight), the logits' own gradient "
+        "included (each variant in its own process). Student logits are either a leaf tensor or the output of an "
+        f"LM head (hidden states [1, {args.sequence}, {args.hidden}] times a weight [{args.hidden}, {args.vocab}], "
+        "both requiring grad), whose backward pass also makes the weight's gradient "
+        f"({args.hidden * args.vocab * 4 / MIB:.0f} MiB, which a training step makes with any loss): the last two "
+        "columns leave it out.",
         "",
-        "| KD loss | extra peak MiB | in logits tensors | loss |",
-        "|---|---|---|---|",
+        "| student logits, KD loss | extra peak MiB | in logits tensors | beyond the head weight's gradient, MiB "
+        "| in logits tensors | loss |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {row['extra_peak_mib']} | {payload['extra_in_logits_tensors'][name]:.2f} | {row['loss']:.6f} |"
+            f"| {name} | {row['extra_peak_mib']} | {row['extra_in_logits_tensors']:.2f} "
+            f"| {row['extra_beyond_weight_grad_mib']} | {row['beyond_weight_grad_in_logits_tensors']:.2f} "
+            f"| {row['loss']:.6f} |"
             for name, row in rows.items()
         ),
         "",

@@ -72,20 +72,83 @@ def test_attention_kl_by_hand() -> None:
     assert float(attention_kl(student, teacher, mask=torch.tensor([[1, 0]]))) == pytest.approx(rows[0], rel=1e-6)
 
 
-def test_the_chunked_kd_loss_has_the_same_value_and_gradient() -> None:
-    from lightning_memopt.distillation.losses import soft_target_kl
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("temperature", "top_k", "masked"), [(2.0, None, True), (1.0, 8, False), (3.0, 5, True)])
+def test_the_chunked_kd_loss_has_the_same_value_and_gradient(
+    dtype: torch.dtype, temperature: float, top_k: int | None, masked: bool
+) -> None:
     torch.manual_seed(0)
-    student = torch.randn(2, 37, 50, requires_grad=True)
-    teacher = torch.randn(2, 37, 50)
-    mask = torch.rand(2, 37) > 0.3
-    whole = soft_target_kl(student, teacher, 2.0, mask)
+    student = (3 * torch.randn(2, 37, 50)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(2, 37, 50)).to(dtype)
+    mask = torch.rand(2, 37) > 0.3 if masked else None  # kept rows in runs and with gaps: slices and index chunks
+    whole = soft_target_kl(student, teacher, temperature, mask, top_k=top_k)
     (grad_whole,) = torch.autograd.grad(whole, student)
-    chunked = soft_target_kl(student, teacher, 2.0, mask, chunk_rows=8)
+    chunked = soft_target_kl(student, teacher, temperature, mask, chunk_rows=8, top_k=top_k)
+    assert type(chunked.grad_fn).__name__ == "ChunkedKLBackward"
     (grad_chunked,) = torch.autograd.grad(chunked, student)
-    assert torch.allclose(whole, chunked, atol=1e-6) and torch.allclose(grad_whole, grad_chunked, atol=1e-7)
+    assert chunked.dtype == whole.dtype == torch.float32 and grad_chunked.dtype == dtype
+    assert math.isclose(float(chunked), float(whole), rel_tol=1e-6)
+    scale = float(grad_whole.float().abs().max())
+    if dtype == torch.float32:  # float32 math both ways: the same up to rounding
+        torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-6, atol=1e-6 * scale)
+    else:  # the same float32 gradient rounded to bfloat16: at most one bfloat16 step apart
+        torch.testing.assert_close(grad_chunked.float(), grad_whole.float(), rtol=2**-7, atol=2**-8 * scale)
+    if mask is not None:
+        assert not grad_chunked[~mask].any()
+    with torch.no_grad():  # validation: the value alone, no gradient buffer, no graph
+        value = soft_target_kl(student, teacher, temperature, mask, chunk_rows=8, top_k=top_k)
+    assert value.grad_fn is None and math.isclose(float(value), float(whole), rel_tol=1e-6)
+
+
+def test_the_chunked_kd_loss_through_an_lm_head_and_a_weight() -> None:
+    # Non-leaf logits (an LM head's output), a loss scaled by alpha and added to another: the gradients reaching
+    # the head's input and weight are those of one pass.
+    torch.manual_seed(0)
+    states, weight = torch.randn(1, 30, 16, requires_grad=True), torch.randn(16, 64, requires_grad=True)
+    teacher, mask = torch.randn(1, 30, 64), torch.rand(1, 30) > 0.2
+    grads = []
+    for chunk_rows in (None, 7):
+        logits = states @ weight
+        kd = soft_target_kl(logits, teacher, 2.0, mask, chunk_rows=chunk_rows, top_k=10)
+        total = 0.3 * kd + 0.7 * logits.float().logsumexp(-1).mean()
+        grads.append(torch.autograd.grad(total, (states, weight)))
+    for one_pass, chunked in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6 * float(one_pass.abs().max()))
+
+
+def test_the_chunked_kd_backward_hands_its_gradient_buffer_over() -> None:
+    # The gradient written in the forward pass reaches a leaf's .grad as the same storage (autograd steals a
+    # gradient nothing else references), scaled in place; the loss keeps no reference to it afterwards.
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 11, 40, requires_grad=True), torch.randn(3, 11, 40)
+    kd = soft_target_kl(student, teacher, 2.0, torch.rand(3, 11) > 0.3, chunk_rows=4)
+    buffer = kd.grad_fn.gradient
+    expected = 0.5 * buffer.clone()
+    address = buffer.data_ptr()
+    del buffer
+    (0.5 * kd).backward()
+    assert student.grad.data_ptr() == address and torch.equal(student.grad, expected)
+    assert kd.grad_fn.gradient is None
+    again = soft_target_kl(student, teacher, 2.0, chunk_rows=4)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="hands its gradient over"):
+        again.backward()
+
+
+def test_the_chunked_kd_loss_edge_cases() -> None:
+    student, teacher = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 5, 7)
+    nothing = soft_target_kl(student, teacher, 2.0, torch.zeros(2, 5, dtype=torch.bool), chunk_rows=3)
+    assert float(nothing) == 0.0
+    nothing.backward()
+    assert not student.grad.any()
+    # an integer mask counts as a boolean one (not as row indices)
+    as_int = soft_target_kl(student, teacher, 2.0, torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]]), chunk_rows=2)
+    as_bool = soft_target_kl(student, teacher, 2.0, torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]]).bool())
+    assert math.isclose(float(as_int), float(as_bool), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="one entry per position"):
+        soft_target_kl(student, teacher, 2.0, torch.ones(2, 4, dtype=torch.bool), chunk_rows=2)
     with pytest.raises(ValueError, match="chunk_rows must be a positive"):
-        soft_target_kl(student, teacher, 2.0, mask, chunk_rows=0)
+        soft_target_kl(student, teacher, 2.0, chunk_rows=0)
 
 
 def test_top_k_kd_uses_the_teachers_k_likeliest_classes_renormalised() -> None:

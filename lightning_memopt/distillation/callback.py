@@ -163,9 +163,14 @@ class KnowledgeDistillation(Callback):
             ``None``: :func:`default_labels` (``batch["labels"]``).
         outputs_to_logits: maps the student's and the teacher's outputs to logits; ``None``:
             :func:`default_logits` (``.logits``, a tensor, or the first element).
-        chunk_rows: compute the KD loss this many positions at a time, recomputing each chunk in the
-            backward pass: for LLM vocabularies, where the float32 softmax temporaries of a whole sequence
-            would take several logits-sized tensors; ``None`` computes it in one pass.
+        chunk_rows: compute the KD loss this many positions at a time, with its gradient w.r.t. the student
+            logits (:class:`~lightning_memopt.distillation.losses.ChunkedKL`): for LLM vocabularies, where the
+            float32 softmax temporaries of a whole sequence take about six logits-sized tensors. Chunked, the
+            loss's extra memory is the logits' gradient (one tensor of their size and dtype, handed to autograd
+            without a copy) plus about two float32 chunks of ``chunk_rows`` x vocabulary (at 2,048 x 32,000:
+            1.28 logits tensors with 256 rows, 1.09 with 64; docs/results/kd-memory.md). The same value and
+            gradient as one pass; validation computes ``val_kd`` in chunks too, without the gradient.
+            ``None`` computes it in one pass.
         top_k: distil on the teacher's ``k`` most likely classes per position only (its distribution renormalised
             over them, against the student's log-probabilities of those classes); ``None`` uses all of them.
     """
@@ -423,7 +428,7 @@ class KnowledgeDistillation(Callback):
         teacher_output, _ = self._teacher_output(batch)
         teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
         mask = self._label_mask(batch, student_logits)
-        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask, top_k=self.top_k)
+        kd = soft_target_kl(student_logits, teacher_logits, self.temperature, mask, self.chunk_rows, self.top_k)
         same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
         agreement = (same[mask] if mask is not None else same).float().mean()
         options = {"batch_size": student_logits.shape[0], "sync_dist": True}

@@ -17,9 +17,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -35,7 +38,7 @@ def check_alpha_temperature(alpha: float, temperature: float) -> None:
 def _flatten(logits: Tensor, keep: Tensor | None) -> Tensor:
     """Rows of class scores at the kept positions: ``[N, C]`` from ``[..., C]``."""
     rows = logits.reshape(-1, logits.shape[-1])
-    return rows if keep is None else rows[keep.reshape(-1)]
+    return rows if keep is None else rows[keep.reshape(-1).bool()]
 
 
 def position_mask(labels: Tensor, causal: bool, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -66,6 +69,140 @@ def _kl_rows(student: Tensor, teacher: Tensor, temperature: float, top_k: int | 
     return kl.sum()
 
 
+def _chunk_selections(rows: int, keep: Tensor | None, chunk_rows: int) -> list[slice | Tensor]:
+    """The kept rows, ``chunk_rows`` at a time: a slice where a chunk's rows are contiguous (a view of the
+    logits, no copy), a tensor of row indices where the mask leaves gaps."""
+    if keep is None:
+        return [slice(i, min(i + chunk_rows, rows)) for i in range(0, rows, chunk_rows)]
+    kept = keep.nonzero().squeeze(1).tolist()  # one host sync, as boolean indexing does
+    selections: list[slice | Tensor] = []
+    for i in range(0, len(kept), chunk_rows):
+        part = kept[i : i + chunk_rows]
+        if part[-1] - part[0] + 1 == len(part):
+            selections.append(slice(part[0], part[-1] + 1))
+        else:
+            selections.append(torch.tensor(part, device=keep.device))
+    return selections
+
+
+def _chunk_kl(
+    student: Tensor,
+    teacher: Tensor,
+    temperature: float,
+    top_k: int | None,
+    grad_scale: float | None = None,
+    work: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``_kl_rows`` of a chunk of rows and, with ``grad_scale``, ``grad_scale`` times its gradient w.r.t. ``student``.
+
+    Float32 math whatever the logits' dtype. ``work`` (float32, shaped like ``student``, float32 ``student`` only)
+    holds the student's scores and then the gradient, so that a float32 chunk of the gradient buffer costs no
+    temporary. With ``z = s/T``, ``q = softmax(z)`` and ``p`` the teacher's (renormalised top-k) probabilities
+    scattered over the classes, ``d KL / d s = (q·Σp - p) / T`` (``Σp`` is 1 but kept, as autograd keeps it): the
+    student's normaliser reaches every class, top-k or not.
+    """
+    if work is not None:
+        log_q = torch.div(student, temperature, out=work)
+        log_q.copy_(F.log_softmax(log_q, -1))
+    else:
+        log_q = F.log_softmax(student.float() / temperature, -1)
+    scores = teacher.float() / temperature
+    index = None
+    if top_k is not None and top_k < scores.shape[-1]:
+        scores, index = scores.topk(top_k, dim=-1)
+    log_p = F.log_softmax(scores, -1)
+    del scores
+    p = log_p.exp()
+    kl = log_p.sub_(log_q if index is None else log_q.gather(-1, index)).mul_(p).sum()  # p · (log p - log q)
+    del log_p
+    if grad_scale is None:
+        return kl, None
+    grad = log_q.exp_().mul_(p.sum(-1, keepdim=True))
+    if index is None:
+        grad.sub_(p)
+    else:
+        grad.scatter_add_(-1, index, p.neg_())
+    return kl, grad.mul_(grad_scale)
+
+
+def _chunked_kl_sum(
+    student: Tensor,
+    teacher: Tensor,
+    selections: list[slice | Tensor],
+    temperature: float,
+    top_k: int | None,
+    grad: Tensor | None = None,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """Summed KL over the selected rows of ``student``/``teacher`` ``[rows, C]`` (float32, chunk by chunk);
+    with ``grad`` (``[rows, C]``, the logits' dtype, zero on unselected rows), each chunk's gradient times
+    ``grad_scale`` is written into its rows."""
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for selection in selections:
+        in_place = grad is not None and isinstance(selection, slice) and student.dtype == grad.dtype == torch.float32
+        work = grad[selection] if in_place else None
+        kl, chunk_grad = _chunk_kl(
+            student[selection], teacher[selection], temperature, top_k, None if grad is None else grad_scale, work
+        )
+        total += kl
+        if grad is not None and not in_place:
+            if isinstance(selection, slice):
+                grad[selection].copy_(chunk_grad)
+            else:
+                grad.index_copy_(0, selection, chunk_grad.to(grad.dtype))
+        del chunk_grad
+    return total
+
+
+class ChunkedKL(torch.autograd.Function):
+    """``T²/N · Σ KL`` over the selected rows, its gradient computed chunk by chunk in the forward pass.
+
+    The forward pass writes the gradient w.r.t. the student logits into one tensor shaped like them (their
+    dtype), so the float32 softmax temporaries exist for one chunk at a time; the tensor is kept on ``ctx`` as a
+    plain attribute, and the backward pass scales it by ``grad_output`` in place and hands it over (``ctx``
+    drops its reference), so autograd takes it without a copy, into a leaf's ``.grad`` too. One backward
+    pass only: the gradient is handed over (``retain_graph`` for a second pass is refused). The teacher gets
+    no gradient; double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        temperature: float,
+        selections: list[slice | Tensor],
+        rows: int,
+        top_k: int | None,
+    ) -> Tensor:
+        classes = student_logits.shape[-1]
+        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+        if rows < grad.numel() // classes:
+            grad.zero_()  # rows outside the mask get no gradient
+        total = _chunked_kl_sum(
+            student_logits.reshape(-1, classes),
+            teacher_logits.reshape(-1, classes),
+            selections,
+            temperature,
+            top_k,
+            grad.view(-1, classes),
+            temperature / rows,  # d(T²/N · KL)/d s = T²/N · (q·Σp - p)/T
+        )
+        ctx.gradient = grad
+        return total / rows * temperature**2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad, ctx.gradient = ctx.gradient, None
+        if grad is None:
+            raise RuntimeError(
+                "The chunked KD loss hands its gradient over at the first backward pass; it cannot be backpropagated "
+                "twice (retain_graph=True), compute the loss again instead."
+            )
+        return grad.mul_(grad_output), None, None, None, None, None
+
+
 def soft_target_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -80,10 +217,13 @@ def soft_target_kl(
     renormalised over them against the student's log-probabilities of the same classes (sparse KD for large
     vocabularies: a teacher's top-k can be computed, stored or sent as ``k`` values per position).
 
-    With ``chunk_rows``, the rows are taken ``chunk_rows`` at a time and the gradient is computed with the
-    value (:class:`ChunkedKL`), so the float32 softmax temporaries of a large vocabulary exist for one chunk
-    at a time and only the gradient, one logits-sized tensor, is kept for the backward pass: the same value
-    and gradient as one pass.
+    With ``chunk_rows``, the kept rows are taken ``chunk_rows`` at a time and the gradient w.r.t. the student
+    logits is computed with the value (:class:`ChunkedKL`): the float32 softmax temporaries of a large
+    vocabulary exist for one chunk at a time, and only the gradient, one tensor the size and dtype of the
+    logits, is kept for the backward pass, which hands it to autograd without a copy. The same value and
+    gradient as one pass (float32 math; in bfloat16 the gradient is rounded once more when the loss is
+    scaled, e.g. by ``alpha``). Without gradient (``torch.no_grad``, validation) nothing but the chunks' own
+    temporaries is allocated.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -94,27 +234,30 @@ def soft_target_kl(
         raise ValueError(f"chunk_rows must be a positive number of positions, got {chunk_rows}.")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive number of classes, got {top_k}.")
-    student = _flatten(student_logits, mask)
-    teacher = _flatten(teacher_logits, mask).detach()
-    rows = student.shape[0]
+    keep = None if mask is None else mask.reshape(-1).bool()
+    classes = student_logits.shape[-1]
+    if keep is not None and keep.numel() * classes != student_logits.numel():
+        raise ValueError(
+            f"The mask {tuple(mask.shape)} must have one entry per position of the logits {tuple(student_logits.shape)}."
+        )
+    if chunk_rows is None:
+        student = _flatten(student_logits, keep)
+        rows = student.shape[0]
+        if rows == 0:
+            return student_logits.sum() * 0.0
+        total = _kl_rows(student, _flatten(teacher_logits, keep).detach(), temperature, top_k)
+        return total / rows * temperature**2
+    positions = student_logits.numel() // classes
+    rows = positions if keep is None else int(keep.sum())
     if rows == 0:
         return student_logits.sum() * 0.0
-    if chunk_rows is None or rows <= chunk_rows:
-        total = _kl_rows(student, teacher, temperature, top_k)
-    else:
-        from torch.utils.checkpoint import checkpoint
-
-        total = sum(
-            checkpoint(
-                _kl_rows,
-                student[i : i + chunk_rows],
-                teacher[i : i + chunk_rows],
-                temperature,
-                top_k,
-                use_reentrant=False,
-            )
-            for i in range(0, rows, chunk_rows)
-        )
+    selections = _chunk_selections(positions, keep, chunk_rows)
+    teacher_logits = teacher_logits.detach()
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return ChunkedKL.apply(student_logits, teacher_logits, temperature, selections, rows, top_k)
+    total = _chunked_kl_sum(
+        student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), selections, temperature, top_k
+    )
     return total / rows * temperature**2
 
 
