@@ -13,7 +13,15 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_memopt import PruningScheduler, QuantizationAwareTraining
 from lightning_memopt.core.filters import default_filter, linear_weight
-from lightning_memopt.quantization import FakeQuantConv1D, Int8DynamicLinear, convert_to_int8, load_int8, save_int8
+from lightning_memopt.quantization import (
+    FakeQuantConv1D,
+    FakeQuantEmbedding,
+    Int8DynamicLinear,
+    Int8Embedding,
+    convert_to_int8,
+    load_int8,
+    save_int8,
+)
 
 
 class CausalLM(LightningModule):
@@ -97,4 +105,54 @@ def test_the_lm_head_is_an_opt_in_int8_target_tied_or_not(tmp_path: Path) -> Non
         assert reloaded.get_input_embeddings().weight.dtype == torch.float32
         with torch.no_grad():
             assert torch.allclose(reloaded(prompt).logits, fake_quantized, atol=1e-3)
+        assert reloaded.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_int8_embedding_rows_stay_within_half_a_step_of_the_float_table() -> None:
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 16)
+    table.weight.data[3] *= 100  # rows of very different ranges keep their own scale
+    int8 = Int8Embedding.from_embedding(table)
+    ids = torch.arange(50).view(5, 10)
+    step = int8.weight_scale[ids].unsqueeze(-1)
+    error = (int8(ids) - table(ids)).abs()
+    assert int8.weight.dtype == torch.int8 and (error <= step * (0.5 + 1e-5)).all()
+    assert error[0, 3].max() > error[0, 2].max()  # the wide row has the coarser grid, not every row
+
+
+def test_input_embeddings_are_an_opt_in_int8_target_with_per_row_scales(tmp_path: Path) -> None:
+    """Named word embeddings train with int8-rounded rows and export as int8 rows (a quarter of the bytes); the
+    default filter leaves them float. GPT-2 ties its LM head to them: the head stays a float copy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = CausalLM()
+    llama.model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    assert (
+        QuantizationAwareTraining().module_filter(llama.model.model.embed_tokens, "model.model.embed_tokens") is False
+    )
+    for module, patterns in ((CausalLM(), [r"\.h\.\d+\.(attn|mlp)\.c_", r"\.wte$"]), (llama, [r"_proj$", "embed_tokens"])):
+        qat = QuantizationAwareTraining(modules=patterns)
+        quiet_trainer(max_steps=2, callbacks=[qat], enable_checkpointing=False).fit(module, batches())
+        model = module.model.eval()
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings, FakeQuantEmbedding)
+        prompt = torch.tensor([[5, 17, 42, 8]])
+        with torch.no_grad():
+            fake_quantized, rows = model(prompt).logits, embeddings(prompt)
+            embeddings.fake_quant = False
+            assert not torch.equal(embeddings(prompt), rows)  # the rows were rounded in training
+        float_bytes = embeddings.weight.numel() * 4
+        convert_to_int8(model)
+        folder = tmp_path / type(model).__name__
+        save_int8(model, folder)
+        reloaded = load_int8(folder)
+        table = reloaded.get_input_embeddings()
+        assert (
+            isinstance(table, Int8Embedding) and table.weight.numel() + 4 * table.weight_scale.numel() < float_bytes / 3
+        )
+        assert reloaded.get_output_embeddings().weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.allclose(table(prompt), rows, atol=1e-6)  # the int8 table holds the rows training saw
+            assert torch.allclose(reloaded(prompt).logits, fake_quantized, atol=1e-3)  # the int8 kernel's rounding
         assert reloaded.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)

@@ -165,7 +165,7 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
             fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path, [QuantizationAwareTraining(**options)], 4, 10)
 
     fails(r"selects no Linear layer", modules=["decoder"])
-    fails(r"cannot quantize: \['model.bert.embeddings.word_embeddings \(Embedding\)'", modules=["word_embeddings"])
+    fails(r"cannot quantize: \[.model.bert.embeddings.LayerNorm \(LayerNorm\).", modules=["LayerNorm"])
     fails(r"start resolves to step 50, but the run has only 4", start=50)
 
 

@@ -39,21 +39,40 @@ from lightning_memopt.quantization.modules import FakeQuantLinear, prepare
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
+def _patterns(modules: Sequence[str] | str) -> list[re.Pattern]:
+    return [re.compile(p) for p in ([modules] if isinstance(modules, str) else modules)]
+
+
+def qat_filter(modules: Sequence[str] | ModuleFilter | None) -> ModuleFilter:
+    """The layers QAT fake-quantizes: linear layers as :func:`as_filter` picks them, and ``nn.Embedding`` tables
+    whose names a pattern matches (opt-in: the default filter never picks embeddings)."""
+    linear = as_filter(modules)
+    if modules is None or callable(modules):
+        return linear
+    patterns = _patterns(modules)
+
+    def selects(module: nn.Module, name: str) -> bool:
+        return linear(module, name) or (isinstance(module, nn.Embedding) and any(p.search(name) for p in patterns))
+
+    return selects
+
+
 def check_selection(model: nn.Module, modules: Sequence[str] | ModuleFilter | None) -> None:
-    """Name patterns that pick layers QAT cannot quantize (only ``nn.Linear`` and ``Conv1D`` can) are an error."""
+    """Name patterns that pick layers QAT cannot quantize (only ``nn.Linear``, ``Conv1D`` and ``nn.Embedding``
+    can) are an error."""
     if modules is None or callable(modules):
         return
-    patterns = [re.compile(p) for p in ([modules] if isinstance(modules, str) else modules)]
+    patterns = _patterns(modules)
     other = [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if name and not is_linear(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
-        if any(p.search(name) for p in patterns)
+        if name and not is_linear(m) and not isinstance(m, nn.Embedding)
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and any(p.search(name) for p in patterns)
     ]
     if other:
         raise ValueError(
-            f"The modules filter selects layers QAT cannot quantize: {other[:5]}. Only Linear (and Conv1D) layers become int8; "
-            "narrow the patterns to Linear layers (embeddings stay in float)."
+            f"The modules filter selects layers QAT cannot quantize: {other[:5]}. Only Linear (and Conv1D) layers "
+            "and embedding tables become int8; narrow the patterns to those."
         )
 
 
@@ -62,8 +81,9 @@ class QuantizationAwareTraining(Callback):
 
     Args:
         modules: ``None`` for the encoder's Linear layers (not embeddings, pooler or classifier), a list of
-            regular expressions matched against module names (e.g. add ``"classifier"``), or a
-            ``(module, name) -> bool`` callable.
+            regular expressions matched against module names (e.g. add ``"classifier"``, or ``"lm_head"`` and
+            ``"embed_tokens"``/``"word_embeddings"``: embedding tables matched by name become int8 rows with one
+            scale per row), or a ``(module, name) -> bool`` callable.
         start: when fake quantization begins: optimizer steps (int, or epochs with ``unit="epochs"``) or a
             fraction of the run (float). Full precision before.
         freeze_ranges: when the weight scales stop following the weights (same units); ``None`` never.
@@ -83,7 +103,7 @@ class QuantizationAwareTraining(Callback):
         if freeze_ranges is not None and type(start) is type(freeze_ranges) and freeze_ranges < start:
             raise ValueError(f"freeze_ranges={freeze_ranges} comes before start={start}; freeze after QAT starts.")
         self.modules = modules
-        self.module_filter = as_filter(modules)
+        self.module_filter = qat_filter(modules)
         self.start, self.freeze_ranges, self.unit = start, freeze_ranges, unit
         self.layers: dict[str, FakeQuantLinear] = {}
         self.enabled = False
@@ -146,7 +166,7 @@ class QuantizationAwareTraining(Callback):
             if step is not None and step > steps:
                 raise ValueError(f"{option} resolves to step {step}, but the run has only {steps} optimizer steps.")
         rank_zero_info(
-            f"QuantizationAwareTraining: {len(self.layers)} Linear layers, int8 fake quantization from step "
+            f"QuantizationAwareTraining: {len(self.layers)} layers, int8 fake quantization from step "
             f"{self.start_step}" + (f", weight scales frozen at step {self.freeze_step}." if self.freeze_step else ".")
         )
 

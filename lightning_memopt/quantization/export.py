@@ -1,4 +1,5 @@
-"""Explicit int8 export: convert Linear layers to :class:`Int8DynamicLinear`, save and load without pickles.
+"""Explicit int8 export: convert Linear layers to :class:`Int8DynamicLinear` (and opted-in word embeddings to
+:class:`Int8Embedding`), save and load without pickles.
 
 The folder holds ``config.json`` (the Hugging Face config), ``model.int8.safetensors`` (int8 weights,
 their scales and everything else in float), ``quantization.json`` (format, model class, converted
@@ -25,7 +26,13 @@ from torch import Tensor, nn
 
 from lightning_memopt.core.filters import ModuleFilter, default_filter, is_linear, linear_shape
 from lightning_memopt.core.sources import transformers_model_class
-from lightning_memopt.quantization.modules import FakeQuantConv1D, FakeQuantLinear, Int8DynamicLinear
+from lightning_memopt.quantization.modules import (
+    FakeQuantConv1D,
+    FakeQuantEmbedding,
+    FakeQuantLinear,
+    Int8DynamicLinear,
+    Int8Embedding,
+)
 
 FORMAT = "lightning_memopt.int8-dynamic/1"
 WEIGHTS_FILE = "model.int8.safetensors"
@@ -34,7 +41,7 @@ META_FILE = "quantization.json"
 
 @dataclass(frozen=True)
 class Int8Report:
-    """Bytes of the converted Linear weights (int8 + scales) against their float32 size, and the file size."""
+    """Bytes of the converted weights (int8 + scales) against their float32 size, and the file size."""
 
     layers: int
     int8_weight_bytes: int
@@ -52,25 +59,31 @@ def convert_to_int8(
     scales: Mapping[str, Tensor] | None = None,
     names: list[str] | None = None,
 ) -> list[str]:
-    """Replace Linear layers by :class:`Int8DynamicLinear` in place; return their names.
+    """Replace Linear layers by :class:`Int8DynamicLinear` (embeddings named in ``names`` or trained with QAT by
+    :class:`Int8Embedding`) in place; return their names.
 
-    QAT layers (:class:`FakeQuantLinear`) keep the weight scales they trained with. Without QAT layers,
+    QAT layers (:class:`FakeQuantLinear`, :class:`FakeQuantEmbedding`) keep the weight scales they trained with. Without QAT layers,
     ``names`` (or else ``module_filter``) picks plain ``nn.Linear`` layers: post-training dynamic quantization.
     ``scales`` gives frozen per-layer scales to use instead of measuring them.
     """
     modules = dict(model.named_modules())
     chosen = names
     if chosen is None:
-        chosen = [n for n, m in modules.items() if isinstance(m, (FakeQuantLinear, FakeQuantConv1D))]
+        chosen = [
+            n for n, m in modules.items() if isinstance(m, (FakeQuantLinear, FakeQuantConv1D, FakeQuantEmbedding))
+        ]
     if not chosen:
         chosen = [n for n, m in modules.items() if is_linear(m) and module_filter(m, n)]
     for name in chosen:
-        layer = modules[name]
+        layer, scale = modules[name], (scales or {}).get(name)
+        if isinstance(layer, nn.Embedding):
+            model.set_submodule(name, Int8Embedding.from_embedding(layer, scale))
+            continue
         if not is_linear(layer):
             raise ValueError(
-                f"{name} is a {type(layer).__name__}, not a linear layer; only Linear and Conv1D become int8."
+                f"{name} is a {type(layer).__name__}; only Linear, Conv1D and Embedding layers become int8."
             )
-        model.set_submodule(name, Int8DynamicLinear.from_linear(layer, (scales or {}).get(name)))
+        model.set_submodule(name, Int8DynamicLinear.from_linear(layer, scale))
     return chosen
 
 
@@ -80,7 +93,7 @@ def save_int8(model: nn.Module, folder: str | Path, tokenizer_source: str | None
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8DynamicLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (Int8DynamicLinear, Int8Embedding))}
     if not layers:
         raise ValueError("The model has no int8 layers; call convert_to_int8(model) first.")
     model.config.save_pretrained(folder)
@@ -116,8 +129,11 @@ def load_int8(folder: str | Path) -> nn.Module:
     model = model_class(config)
     modules = dict(model.named_modules())
     for name in meta["int8_layers"]:
-        linear = modules[name]
-        model.set_submodule(name, Int8DynamicLinear(*linear_shape(linear), linear.bias is not None))
+        layer = modules[name]
+        if isinstance(layer, nn.Embedding):
+            model.set_submodule(name, Int8Embedding(layer.num_embeddings, layer.embedding_dim))
+        else:
+            model.set_submodule(name, Int8DynamicLinear(*linear_shape(layer), layer.bias is not None))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
     return model.eval()
 

@@ -1,4 +1,5 @@
-"""The two Linear layers of QAT: one that fake-quantizes while training, one that runs real int8.
+"""The layers of QAT: linear layers that fake-quantize while training and run real int8 once exported, and
+word embeddings (opt-in) stored as int8 rows with one scale per row.
 
 ``FakeQuantLinear`` is an ``nn.Linear`` whose class is swapped in place (:func:`prepare`), so the
 parameters, their names, the optimizer's references and the checkpoint keys stay exactly those of
@@ -7,6 +8,10 @@ weight scales) lives in the callback's checkpoint state instead.
 
 ``Int8DynamicLinear`` holds int8 weights, per-channel scales and a float bias as plain tensors (so
 it saves to safetensors and loads without pickled code) and runs PyTorch's dynamic int8 kernel.
+
+``FakeQuantEmbedding`` rounds the looked-up rows to the int8 grid of their row's scale (``max|row| / 127.5``),
+and ``Int8Embedding`` stores the table that way: a quarter of the float32 bytes, each value within half a
+step (``scale / 2``) of the float one. A lookup needs no int8 arithmetic, so this saves size, not time.
 
 Example:
     >>> import torch
@@ -96,11 +101,31 @@ class FakeQuantConv1D(Conv1D):
         return F.linear(fake_quant_activation(x), weight, self.bias)
 
 
-FAKE_QUANT = {nn.Linear: FakeQuantLinear, Conv1D: FakeQuantConv1D}
+class FakeQuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose looked-up rows, while ``fake_quant`` is on, are rounded to int8 with one scale per row
+    (the scales of the whole table are measured, the rounding touches only the rows looked up)."""
+
+    fake_quant: bool
+    frozen_scales: Tensor | None
+
+    def scales(self) -> Tensor:
+        return self.frozen_scales if self.frozen_scales is not None else weight_scales(self.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = super().forward(ids)
+        if not self.fake_quant:
+            return rows
+        flat = rows.reshape(-1, self.embedding_dim)
+        rounded = fake_quant_weight(flat, self.scales()[ids.reshape(-1)])
+        return rounded.reshape(rows.shape)
+
+
+FAKE_QUANT = {nn.Linear: FakeQuantLinear, Conv1D: FakeQuantConv1D, nn.Embedding: FakeQuantEmbedding}
 
 
 def prepare(model: nn.Module, module_filter: Callable[[nn.Module, str], bool]) -> list[str]:
-    """Turn the selected linear layers (``nn.Linear``, ``Conv1D``) into fake-quantized ones in place; return their names."""
+    """Turn the selected layers (``nn.Linear``, ``Conv1D``, ``nn.Embedding``) into fake-quantized ones in place;
+    return their names."""
     names = []
     for name, module in model.named_modules():
         if type(module) in FAKE_QUANT and module_filter(module, name):
@@ -164,3 +189,32 @@ class Int8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
+
+
+class Int8Embedding(nn.Module):
+    """A word-embedding table stored as int8 rows, one float scale per row; looked-up rows come back in float."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, scales: Tensor | None = None) -> Int8Embedding:
+        """Quantize an embedding table with ``scales`` (default: its QAT scales, or measured per row)."""
+        weight = embedding.weight.detach().float().cpu()
+        if scales is None:
+            scales = embedding.scales() if hasattr(embedding, "scales") else weight_scales(weight)
+        scales = scales.detach().float().cpu()
+        new = cls(*weight.shape)
+        rounded = fake_quant_weight(weight, scales)  # the rounding training saw, then the grid index
+        new.weight.copy_(torch.round(rounded / scales[:, None]).clamp(WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8))
+        new.weight_scale.copy_(scales)
+        return new
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
