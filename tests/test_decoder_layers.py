@@ -131,7 +131,10 @@ def test_input_embeddings_are_an_opt_in_int8_target_with_per_row_scales(tmp_path
     assert (
         QuantizationAwareTraining().module_filter(llama.model.model.embed_tokens, "model.model.embed_tokens") is False
     )
-    for module, patterns in ((CausalLM(), [r"\.h\.\d+\.(attn|mlp)\.c_", r"\.wte$"]), (llama, [r"_proj$", "embed_tokens"])):
+    for module, patterns in (
+        (CausalLM(), [r"\.h\.\d+\.(attn|mlp)\.c_", r"\.wte$"]),
+        (llama, [r"_proj$", "embed_tokens"]),
+    ):
         qat = QuantizationAwareTraining(modules=patterns)
         quiet_trainer(max_steps=2, callbacks=[qat], enable_checkpointing=False).fit(module, batches())
         model = module.model.eval()
