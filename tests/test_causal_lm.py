@@ -13,6 +13,7 @@ from helpers.models import copy_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_memopt import CausalLMDataModule, CausalLMModule, load_pretrained
+from lightning_memopt.tasks.data import pack_examples
 from lightning_memopt.tasks.readers import DataFormatError, read_prompts
 
 PAIRS = [
@@ -56,6 +57,43 @@ def test_the_prompt_is_masked_exactly_where_the_lm_loss_would_count_it(tiny_llam
     counted = batch["labels"][:, 1:] != -100  # the shifted positions: only completions are trained on
     by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][counted], batch["labels"][:, 1:][counted])
     assert torch.allclose(loss, by_hand, atol=1e-5)
+
+
+def test_packing_trains_on_full_rows_holding_the_examples_tokens_and_prompt_masks_in_order(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    data_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS * 3])
+    common = {"train_file": str(data_file), "tokenizer": str(tiny_llama_dir), "batch_size": 2}
+    unpacked = CausalLMDataModule(**common, max_length=128)
+    unpacked.setup("fit")
+    examples = unpacked.datasets["train"].examples
+    packed = CausalLMDataModule(**common, val_file=str(data_file), max_length=12, eval_max_length=128, pack=True)
+    packed.setup("fit")
+    rows = packed.datasets["train"].examples
+
+    ids = [token for example in examples for token in example["input_ids"]]
+    labels = [label for example in examples for label in example["labels"]]
+    assert max(len(example["input_ids"]) for example in examples) > 12  # a long example continues in the next row
+    assert len(rows) == len(ids) // 12 and len(ids) % 12  # the last, partial row is dropped
+    assert all(len(row["input_ids"]) == len(row["labels"]) == 12 and set(row["attention_mask"]) == {1} for row in rows)
+    assert [token for row in rows for token in row["input_ids"]] == ids[: 12 * len(rows)]
+    assert [label for row in rows for label in row["labels"]] == labels[: 12 * len(rows)]  # prompts still -100
+    assert labels.count(-100) > 0
+    batches = list(packed.train_dataloader())
+    assert all(batch["input_ids"].shape[1] == 12 and batch["attention_mask"].all() for batch in batches)  # no padding
+    assert sorted(row.tolist() for batch in batches for row in batch["input_ids"]) == sorted(
+        row["input_ids"] for row in rows
+    )
+    assert packed.datasets["validation"].examples == examples  # validation is scored per example, not packed
+
+
+def test_packing_data_too_short_for_one_row_names_max_length(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    data = CausalLMDataModule(train_file=str(train), tokenizer=str(tiny_llama_dir), max_length=64, pack=True)
+    with pytest.raises(ValueError, match=r"hold \d+ tokens, less than one row of --data.max_length=64; lower"):
+        data.setup("fit")
+    with pytest.raises(ValueError, match="An example has 2 tokens but 1 labels"):
+        pack_examples([[1, 2]], [[1]], length=1)
 
 
 def test_plain_texts_are_trained_on_whole_and_a_file_without_the_columns_is_named(tmp_path: Path) -> None:

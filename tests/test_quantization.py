@@ -183,10 +183,7 @@ def test_recipe_overlay_on_ddp_then_int8_export(
         *digest_args(tmp_path / "digests"),
     ]
     result = memopt(args, cwd=tmp_path)
-    assert (
-        "QuantizationAwareTraining: 12 Linear layers, int8 fake quantization from step 1"
-        in result.stdout + result.stderr
-    )
+    assert "QuantizationAwareTraining: 12 layers, int8 fake quantization from step 1" in result.stdout + result.stderr
     records = read_digests(tmp_path / "digests")
     assert len(records) == 2 and records[0] == {**records[1], "global_rank": 0}
     checkpoint = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"

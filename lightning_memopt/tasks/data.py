@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,32 @@ def load_hub_split(name: str, config: str | None, split: str, revision: str | No
             "Reading --data.dataset_name needs the `datasets` package: pip install 'lightning-memopt[hub]'."
         ) from None
     return datasets.load_dataset(name, config, split=split, revision=revision)
+
+
+def pack_examples(
+    input_ids_list: Sequence[Sequence[int]], labels_list: Sequence[Sequence[int]], length: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Concatenate tokenised examples in order and cut them into rows of exactly ``length`` tokens.
+
+    Each label stays with its token, so a masked prompt stays -100. The last, partial row is dropped, so no
+    row needs padding; fewer than ``length`` tokens in all make no row. Example boundaries are not marked: a
+    row may end one example and start the next, and attention crosses between them (the plain packing of
+    Hugging Face's ``run_clm`` ``group_texts`` and TRL's ``ConstantLengthDataset``).
+
+    >>> pack_examples([[1, 2, 3], [4, 5], [6, 7, 8]], [[-100, 2, 3], [-100, 5], [6, 7, 8]], length=3)
+    ([[1, 2, 3], [4, 5, 6]], [[-100, 2, 3], [-100, 5, 6]])
+    """
+    if length < 1:
+        raise ValueError(f"Packed rows need at least one token, got length={length}.")
+    ids: list[int] = []
+    labels: list[int] = []
+    for example_ids, example_labels in zip(input_ids_list, labels_list, strict=True):
+        if len(example_ids) != len(example_labels):
+            raise ValueError(f"An example has {len(example_ids)} tokens but {len(example_labels)} labels.")
+        ids += example_ids
+        labels += example_labels
+    starts = range(0, len(ids) - length + 1, length)
+    return [ids[start : start + length] for start in starts], [labels[start : start + length] for start in starts]
 
 
 def model_fields(encodings: Any, index: int) -> Example:
@@ -309,6 +336,11 @@ class TransformerDataModule(LightningDataModule):
     def encode(self, examples: list[Any], label_ids: dict[str, int], max_length: int) -> tuple[list[Example], int]:
         raise NotImplementedError
 
+    def encode_split(self, split: str, examples: list[Any], label_ids: dict[str, int]) -> tuple[list[Example], int]:
+        """The examples of ``split`` tokenised, and how many were truncated (to ``max_length`` for training, to
+        ``eval_max_length`` otherwise)."""
+        return self.encode(examples, label_ids, self.max_length if split == "train" else self.eval_max_length)
+
     def observed_labels(self, examples: list[Any]) -> list[str]:
         raise NotImplementedError
 
@@ -353,7 +385,7 @@ class TransformerDataModule(LightningDataModule):
         label_ids = {label: index for index, label in enumerate(self.labels)}
         for split, examples in raw.items():
             max_length = self.max_length if split == "train" else self.eval_max_length
-            encoded, truncated = self.encode(examples, label_ids, max_length)
+            encoded, truncated = self.encode_split(split, examples, label_ids)
             self.datasets[split] = EncodedDataset(encoded)
             self.truncated[split] = truncated
             log.info("%s split: %d examples, %d truncated to %d tokens", split, len(encoded), truncated, max_length)
@@ -601,8 +633,17 @@ class CausalLMDataModule(TransformerDataModule):
 
     Each example is the prompt's tokens followed by the completion's (and the end-of-sequence token); with
     ``mask_prompt`` the prompt's positions get the label -100, so the loss (and distillation) counts only the
-    completion. Examples are padded per batch, not packed. A tokenizer without a padding token pads with its
+    completion. Examples are padded per batch, unless packed. A tokenizer without a padding token pads with its
     end-of-sequence token (padded positions are masked out of attention and loss).
+
+    With ``pack``, the training examples (whole: none is truncated) are concatenated in the order of the data and
+    cut into rows of exactly ``max_length`` tokens (:func:`pack_examples`), so every batch is full and no padding
+    is computed; the prompt masking goes with the tokens. A row may end one example and start the next, and
+    attention is not blocked between them (plain packing, as ``run_clm``'s ``group_texts``; the end-of-sequence
+    token of ``add_eos`` marks where each text ends). The last, partial row is dropped. The rows are fixed by the
+    data and shuffled per epoch like examples, so training stays seeded and resumable. Validation and test
+    data are not packed: each example is scored alone, with no context from its neighbours, so ``val_token_loss``
+    and perplexity compare between packed and unpacked runs.
 
     Args:
         text_column: the column of plain texts (all trained on), used when a row has no prompt/completion.
@@ -610,6 +651,7 @@ class CausalLMDataModule(TransformerDataModule):
         completion_column: the column of completions.
         mask_prompt: leave the prompt's tokens out of the loss.
         add_eos: end every example with the tokenizer's end-of-sequence token.
+        pack: train on rows of exactly ``max_length`` tokens cut from the concatenated training examples.
     """
 
     def __init__(
@@ -620,11 +662,12 @@ class CausalLMDataModule(TransformerDataModule):
         completion_column: str = "completion",
         mask_prompt: bool = True,
         add_eos: bool = True,
+        pack: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.text_column, self.prompt_column, self.completion_column = text_column, prompt_column, completion_column
-        self.mask_prompt, self.add_eos = mask_prompt, add_eos
+        self.mask_prompt, self.add_eos, self.pack = mask_prompt, add_eos, pack
         self.save_hyperparameters(ignore=["labels"])
 
     def load_tokenizer(self) -> Any:
@@ -651,6 +694,34 @@ class CausalLMDataModule(TransformerDataModule):
 
     def observed_labels(self, examples: list[PromptCompletion]) -> list[str]:
         return []
+
+    def encode_split(
+        self, split: str, examples: list[PromptCompletion], label_ids: dict[str, int]
+    ) -> tuple[list[Example], int]:
+        """With ``pack``, the training examples tokenised whole and packed into rows of ``max_length`` tokens."""
+        if split != "train" or not self.pack:
+            return super().encode_split(split, examples, label_ids)
+        encoded, _ = self.encode(examples, label_ids, sys.maxsize)  # a long text continues in the next row
+        ids, labels = pack_examples([e["input_ids"] for e in encoded], [e["labels"] for e in encoded], self.max_length)
+        tokens = sum(len(example["input_ids"]) for example in encoded)
+        if not ids:
+            raise ValueError(
+                f"--data.pack: the {len(encoded)} training examples hold {tokens} tokens, less than one row of "
+                f"--data.max_length={self.max_length}; lower --data.max_length or give more training data."
+            )
+        log.info(
+            "Packed %d training examples (%d tokens) into %d rows of %d tokens; the last %d tokens were dropped.",
+            len(encoded),
+            tokens,
+            len(ids),
+            self.max_length,
+            tokens - len(ids) * self.max_length,
+        )
+        rows = [
+            {"input_ids": row, "attention_mask": [1] * len(row), "labels": row_labels}
+            for row, row_labels in zip(ids, labels, strict=True)
+        ]
+        return rows, 0
 
     def encode(
         self, examples: list[PromptCompletion], label_ids: dict[str, int], max_length: int
