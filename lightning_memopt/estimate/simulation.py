@@ -116,7 +116,12 @@ def _phase(snapshot: dict[str, int]) -> PhasePeak:
 def fused_attention_kernel() -> Iterator[None]:
     """Run ``scaled_dot_product_attention`` as CUDA does in training: the memory-efficient kernel, which keeps
     its output and one log-sum-exp per row for the backward pass instead of the sequence x sequence
-    probabilities and dropout mask of the math path (the one the CPU and the meta device take)."""
+    probabilities and dropout mask of the math path (the one the CPU and the meta device take).
+
+    Grouped-query attention without a mask (``enable_gqa``, as ``transformers`` calls it) runs the flash
+    kernel, as CUDA (and the CPU) do: it reads each key/value head for its group of query heads, so only the
+    key/value heads are kept for the backward pass, never copies repeated to every query head.
+    """
 
     def memory_efficient(
         query: torch.Tensor,
@@ -128,7 +133,10 @@ def fused_attention_kernel() -> Iterator[None]:
         scale: float | None = None,
         **_: object,
     ) -> torch.Tensor:
-        if key.shape[-3] != query.shape[-3]:  # grouped-query attention: each key/value head serves a group
+        if key.shape[-3] != query.shape[-3] and attn_mask is None:  # grouped-query attention, natively
+            flash = torch.ops.aten._scaled_dot_product_flash_attention
+            return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if key.shape[-3] != query.shape[-3]:  # each key/value head serves a group of query heads
             groups = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
         kernel = torch.ops.aten._scaled_dot_product_efficient_attention
