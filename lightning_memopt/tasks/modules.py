@@ -163,7 +163,7 @@ class TransformerTaskModule(LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         output = self(**self.model_inputs(batch))
         self.log(f"{stage}_loss", output.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        self.update_metrics(output.logits, batch)
+        self.update_metrics(output, batch)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -173,8 +173,9 @@ class TransformerTaskModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test_{name}": value for name, value in self.compute_metrics().items()})
 
-    def update_metrics(self, logits: Tensor, batch: dict[str, Tensor]) -> None:
-        """Accumulate one evaluation batch into the task's metrics (implemented by each task)."""
+    def update_metrics(self, output: Any, batch: dict[str, Tensor]) -> None:
+        """Accumulate one evaluation batch (the model's output: ``logits``, ``loss``) into the task's metrics
+        (implemented by each task)."""
         raise NotImplementedError
 
     def compute_metrics(self) -> dict[str, Tensor]:
@@ -238,8 +239,8 @@ class TokenClassificationModule(TransformerTaskModule):
         self.entity_f1 = EntityF1(self.labels)
 
     @override
-    def update_metrics(self, logits: Tensor, batch: dict[str, Tensor]) -> None:
-        self.entity_f1.update(logits.argmax(-1), batch["labels"], mask=batch.get("word_starts"))
+    def update_metrics(self, output: Any, batch: dict[str, Tensor]) -> None:
+        self.entity_f1.update(output.logits.argmax(-1), batch["labels"], mask=batch.get("word_starts"))
 
     @override
     def compute_metrics(self) -> dict[str, Tensor]:
@@ -263,8 +264,8 @@ class SequenceClassificationModule(TransformerTaskModule):
         self.macro_f1 = MulticlassF1Score(num_classes, average="macro")
 
     @override
-    def update_metrics(self, logits: Tensor, batch: dict[str, Tensor]) -> None:
-        predictions = logits.argmax(-1)
+    def update_metrics(self, output: Any, batch: dict[str, Tensor]) -> None:
+        predictions = output.logits.argmax(-1)
         self.accuracy.update(predictions, batch["labels"])
         self.macro_f1.update(predictions, batch["labels"])
 
@@ -293,9 +294,7 @@ class CausalLMModule(TransformerTaskModule):
         self.token_loss = MeanMetric()
 
     @override
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
-        output = self(**self.model_inputs(batch))
-        self.log(f"{stage}_loss", output.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+    def update_metrics(self, output: Any, batch: dict[str, Tensor]) -> None:
         tokens = batch["labels"][:, 1:].ne(IGNORE_INDEX).sum()  # the positions the shifted loss counts
         self.token_loss.update(output.loss.detach(), weight=tokens)
 
