@@ -136,22 +136,13 @@ def test_the_transformers_model_of_a_module_is_found_or_must_be_named(tiny_bert_
 def test_recipe_overlay_on_ddp_gives_identical_quantized_models_then_exports(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    from helpers import DDP_TWO_CPUS, PROJECT_ROOT, digest_args, memopt, read_digests, small_ner_args
+    from helpers import fit_overlay_on_ddp, memopt
 
-    args = [
-        "fit",
-        *small_ner_args(tiny_bert_dir, conll_small, steps=6),
-        "--config",
-        str(PROJECT_ROOT / "recipes/quantization/openvino-qat.yaml"),
-        "--trainer.max_steps=6",
-        "--trainer.val_check_interval=6",
-        "--trainer.callbacks.calibration_batches=2",
-        *DDP_TWO_CPUS,
-        *digest_args(tmp_path / "digests"),
-    ]
-    result = memopt(args, cwd=tmp_path)
-    assert "quantized by NNCF" in result.stdout + result.stderr
-    records = read_digests(tmp_path / "digests")  # weights and scales equal on both ranks (DDP syncs them at start)
+    short = ["--trainer.max_steps=6", "--trainer.val_check_interval=6", "--trainer.callbacks.calibration_batches=2"]
+    overlay = "quantization/openvino-qat.yaml"  # its 200 steps made 6 again by `short`
+    log, records = fit_overlay_on_ddp(overlay, tiny_bert_dir, conll_small, 6, tmp_path, *short)
+    assert "quantized by NNCF" in log
+    # weights and scales equal on both ranks (DDP syncs them at start)
     assert len(records) == 2 and records[0] == {**records[1], "global_rank": 0}
     checkpoint = tmp_path / "runs/openvino-qat/checkpoints/last.ckpt"
     export = ["export", f"--ckpt_path={checkpoint}", "--output_dir=ov8", "--format=openvino", "--int8=true"]

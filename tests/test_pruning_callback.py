@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers import (
     CONLL_LABELS,
-    PROJECT_ROOT,
     Interrupt,
     fake_trainer,
     fit_tiny_ner,
@@ -178,20 +177,10 @@ def test_works_with_the_plain_example_project(shared_data: Path, tmp_path: Path)
 def test_overlay_on_ddp_gives_identical_masks_on_both_ranks(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
+    from helpers import fit_overlay_on_ddp, memopt
 
-    from helpers import DDP_TWO_CPUS, digest_args, memopt, read_digests, small_ner_args
-
-    args = [
-        "fit",
-        *small_ner_args(tiny_bert_dir, conll_small, steps=6),
-        *DDP_TWO_CPUS,
-        "--config",
-        str(PROJECT_ROOT / "recipes/pruning/unstructured-80.yaml"),
-        *digest_args(tmp_path / "digests"),
-    ]
-    result = memopt(args, cwd=tmp_path)
-    assert "PruningScheduler: 12 weight matrices" in result.stdout + result.stderr
-    records = read_digests(tmp_path / "digests")
+    log, records = fit_overlay_on_ddp("pruning/unstructured-80.yaml", tiny_bert_dir, conll_small, 6, tmp_path)
+    assert "PruningScheduler: 12 weight matrices" in log
     assert len(records) == 2 and records[0]["digest"] == records[1]["digest"]
     checkpoint = torch.load(tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt", weights_only=True)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("PruningScheduler"))

@@ -172,19 +172,10 @@ def test_bad_options_fail_before_training(tiny_bert_dir: Path, conll_small: dict
 def test_recipe_overlay_on_ddp_then_int8_export(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    from helpers import DDP_TWO_CPUS, PROJECT_ROOT, digest_args, memopt, read_digests, small_ner_args
+    from helpers import fit_overlay_on_ddp, memopt
 
-    args = [
-        "fit",
-        *small_ner_args(tiny_bert_dir, conll_small, steps=10),
-        "--config",
-        str(PROJECT_ROOT / "recipes/quantization/int8-qat.yaml"),
-        *DDP_TWO_CPUS,
-        *digest_args(tmp_path / "digests"),
-    ]
-    result = memopt(args, cwd=tmp_path)
-    assert "QuantizationAwareTraining: 12 layers, int8 fake quantization from step 1" in result.stdout + result.stderr
-    records = read_digests(tmp_path / "digests")
+    log, records = fit_overlay_on_ddp("quantization/int8-qat.yaml", tiny_bert_dir, conll_small, 10, tmp_path)
+    assert "QuantizationAwareTraining: 12 layers, int8 fake quantization from step 1" in log
     assert len(records) == 2 and records[0] == {**records[1], "global_rank": 0}
     checkpoint = tmp_path / "runs/ner-conll2003/checkpoints/last.ckpt"
     result = memopt(["export", f"--ckpt_path={checkpoint}", "--output_dir=int8", "--int8=true"], cwd=tmp_path)

@@ -115,3 +115,13 @@ def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProces
     """``result`` after checking it exited with 0 (else its output's tails in the failure)."""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def fit_overlay_on_ddp(
+    overlay: str, tiny_bert_dir: Path, conll_small: dict[str, Path], steps: int, cwd: Path, *extra: str
+) -> tuple[str, list[dict]]:
+    """``memopt fit`` of the small NER run with a recipe overlay (``recipes/``-relative) and ``extra`` flags on two
+    DDP CPU processes, each rank writing its parameters' digest: the run's log and the ranks' records."""
+    args = ["fit", *small_ner_args(tiny_bert_dir, conll_small, steps), "--config", str(RECIPES / overlay), *extra]
+    result = memopt([*args, *DDP_TWO_CPUS, *digest_args(cwd / "digests")], cwd=cwd)
+    return result.stdout + result.stderr, read_digests(cwd / "digests")
