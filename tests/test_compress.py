@@ -286,6 +286,8 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
         ]
     )
     assert succeeded(again).stdout.count("done before") == 2 and "resuming" not in again.stdout
+    assert "final/: written before from the same stages and plan, kept" in again.stdout
+    assert json.loads((tmp_path / "whole" / "final" / "compression.json").read_text()) == final  # not rewritten
     assert "timing the teacher" not in again.stdout  # --latency=false: no timing, no earlier figures kept
     assert "latency_ms" not in json.loads((tmp_path / "whole" / "compress.json").read_text())
     assert "stage 1/2 student: done before" in succeeded(resumed).stdout and "resuming its last.ckpt" in resumed.stdout

@@ -15,7 +15,8 @@ Everything goes under the output folder ``D``::
 Each stage is a separate ``memopt fit`` process with the user's recipe arguments, so strategies, devices and
 nodes behave exactly as in ``memopt fit``. Under torchrun (several nodes) every rank runs ``memopt compress``;
 rank 0 writes everything under ``D`` (which must be shared storage) and the other ranks train each stage with
-it. Rerunning the same command skips finished stages and resumes an interrupted one from its ``last.ckpt``.
+it. Rerunning the same command skips finished stages and resumes an interrupted one from its ``last.ckpt``; a
+finished run keeps its ``final/`` (and its timings) unless a stage ran again or the plan's ``final`` changed.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def compress(
         return load_state(output_dir)
     state = load_state(output_dir)
     check_resumable(plan, state, output_dir, restart_from)
+    previous_final = (state.get("plan") or {}).get("final")
     output_dir.mkdir(parents=True, exist_ok=True)
     state.setdefault("stages", {})
     state.update(
@@ -272,6 +274,7 @@ def compress(
     if "teacher_figures" not in state:
         state["teacher_figures"] = teacher_figures(teacher, start_weights)
         save_state(output_dir, state)
+    trained = False
     for index, stage in enumerate(plan.stages):
         recorded = state["stages"].get(stage.name, {})
         progress = f"[memopt compress] stage {index + 1}/{len(plan.stages)} {stage.name}"
@@ -279,12 +282,19 @@ def compress(
             print(f"{progress}: done before ({_figures_line(recorded)}), skipped", flush=True)
             continue
         run_stage(plan, index, output_dir, start_weights, teacher, recipe_args, state, progress)
-    final = write_final(plan, output_dir, state)
-    state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
-    if latency:
-        state["latency_ms"] = record_latency(plan, output_dir, start_weights)
+        trained = True
+    same_final = previous_final == json.loads(json.dumps(asdict(plan)["final"]))  # as compress.json holds it
+    final_is_current = not trained and same_final and "final" in state
+    if final_is_current and (output_dir / "final" / "compression.json").exists():
+        print("[memopt compress] final/: written before from the same stages and plan, kept", flush=True)
     else:
+        final = write_final(plan, output_dir, state)
+        state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
+        state.pop("latency_ms", None)  # the figures of an earlier final/
+    if not latency:
         state.pop("latency_ms", None)  # an earlier run's figures need not describe this final/
+    elif "latency_ms" not in state:
+        state["latency_ms"] = record_latency(plan, output_dir, start_weights)
     save_state(output_dir, state)
     print(summary_table(plan, state), flush=True)
     return state
