@@ -263,6 +263,8 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     assert state["stages"]["student"]["linear_sparsity"] < 0.05 < 0.45 < state["stages"]["prune"]["linear_sparsity"]
     final = json.loads((tmp_path / "whole" / "final" / "compression.json").read_text())
     assert final["plan"] == "tiny" and final["weights_bytes"] > 0
+    assert final["metric"]["name"] == "val_f1" and final["metric"]["examples"] == 65  # scored on its runtime
+    assert state["final"]["metric"] == final["metric"]
     assert final["vocabulary"]["before"] == 30522 and final["vocabulary"]["kept"] < 3000  # 160 training sentences
     final_config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
     assert final_config["vocab_size"] == final["vocabulary"]["kept"] and final_config["num_hidden_layers"] == 1
@@ -344,7 +346,7 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
     import torch
     from safetensors.torch import save_file
 
-    from lightning_memopt.compress.report import kept_units, write_report
+    from lightning_memopt.compress.report import kept_units, stage_rows, tradeoff_points, write_report
 
     state = {
         "command": "memopt compress --plan p.yaml",
@@ -398,6 +400,12 @@ def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path
         assert f"({picture})" in page and (tmp_path / picture).stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match=r"holds no compress\.json; run memopt compress"):
         write_report(tmp_path / "prune")
+
+    # final/ scored on its own runtime: its row and trade-off point carry its metric, not its last stage's
+    finished = dict(state, final={"format": "openvino", "weights_bytes": 2**19, "metric": {"value": 0.88}})
+    finished["latency_ms"] = {"8x128": {**state["latency_ms"]["8x128"], "final": 10.0}}
+    assert "| final/ (openvino) |  |  | 0.8800 | 0.978 |  |  | 0.5 | 10.0 |  |" in stage_rows(finished)
+    assert tradeoff_points(finished)[-1] == ("final/", 0.5, 10.0, 0.88)
 
 
 def test_a_plan_runs_on_two_nodes_under_torchrun_with_rank_0_writing(

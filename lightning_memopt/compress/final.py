@@ -1,7 +1,8 @@
 """The deployable artefact of a compression run, ``D/final/``: the last stage in the plan's final format.
 
 Written whole or not at all (an interrupted run never leaves half a ``final/``), with ``compression.json``
-beside the model: the plan, every stage's record, the artefact's size and what the export did. With
+beside the model: the plan, every stage's record, the artefact's size, what the export did and the artefact's own
+metric on the recipe's validation split (run on its runtime, after trimming and int8). With
 ``trim_vocabulary`` the embeddings and tokenizer keep only the word pieces of the training data (read by the
 recipe's own data module) and ``keep_words``; OpenVINO's int8 calibrates on training sentences.
 """
@@ -18,6 +19,8 @@ import yaml
 from lightning_memopt.compress.plan import Plan
 from lightning_memopt.core.atomic_io import atomic_folder
 from lightning_memopt.tasks.data import TransformerDataModule
+from lightning_memopt.tasks.entity_f1 import count_entities, entity_types
+from lightning_memopt.tasks.readers import LabelledText, TaggedSentence
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin")
 
@@ -37,8 +40,8 @@ def saved_config(stage_folder: Path) -> dict[str, Any]:
     return yaml.safe_load(saved[-1].read_text(encoding="utf-8"))
 
 
-def training_texts(stage_folder: Path) -> list[str]:
-    """The training texts of a stage, read by the data module class its recipe names (one of ours)."""
+def recipe_data(stage_folder: Path, purpose: str) -> TransformerDataModule:
+    """The data module of a stage's recipe, built from the configuration ``memopt fit`` saved (one of ours)."""
     import importlib
 
     data = saved_config(stage_folder).get("data") or {}
@@ -46,10 +49,51 @@ def training_texts(stage_folder: Path) -> list[str]:
     data_class = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
     if not (isinstance(data_class, type) and issubclass(data_class, TransformerDataModule)):
         raise ValueError(
-            f"`trim_vocabulary` reads the training data with the recipe's data module, but {data.get('class_path')!r} "
-            "is not one of lightning_memopt's; remove `trim_vocabulary` from the plan's `final`."
+            f"{purpose} reads the data with the recipe's data module, but {data.get('class_path')!r} is not one of "
+            "lightning_memopt's."
         )
-    return data_class(**(data.get("init_args") or {})).split_texts("train")
+    return data_class(**(data.get("init_args") or {}))
+
+
+def training_texts(stage_folder: Path) -> list[str]:
+    """The training texts of a stage, read by the data module class its recipe names (one of ours)."""
+    purpose = "`trim_vocabulary` (remove it from the plan's `final` for another data module)"
+    return recipe_data(stage_folder, purpose).split_texts("train")
+
+
+def entity_f1(predicted: list[list[str]], gold: list[list[str]]) -> float:
+    """Micro entity-level F1 over sentences of IOB2 tags (seqeval's number, as ``EntityF1`` computes it).
+
+    >>> entity_f1([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "B-ORG"]])
+    0.5
+    """
+    types = entity_types([tag for sentence in predicted + gold for tag in sentence])
+    correct, found, expected = count_entities(predicted, gold, types)
+    return 2 * sum(correct) / (sum(found) + sum(expected)) if sum(found) + sum(expected) else 0.0
+
+
+def validation_metric(folder: Path, stage_folder: Path) -> dict[str, Any]:
+    """A model folder's metric on the recipe's validation split, run on the folder's own runtime (OpenVINO,
+    ONNX Runtime or torch): entity F1 for NER, accuracy for classification; ``{}`` for other tasks or without
+    validation data."""
+    from lightning_memopt.deploy.predict import predict
+
+    data = recipe_data(stage_folder, "Scoring final/")
+    if data.val_file is None and data.dataset_name is None:
+        return {}
+    examples = data.read_split("validation")
+    if not examples:
+        return {}
+    if isinstance(examples[0], TaggedSentence):
+        predictions = predict(folder, [example.tokens for example in examples], threads=2, progress=False)
+        gold = [list(example.tags) for example in examples]
+        value = entity_f1([list(p.labels) for p in predictions], gold)
+        return {"name": "val_f1", "value": round(value, 4), "examples": len(examples)}
+    if isinstance(examples[0], LabelledText) and all(example.text_pair is None for example in examples):
+        predictions = predict(folder, [example.text for example in examples], threads=2, progress=False)
+        right = sum(p.labels[0] == example.label for p, example in zip(predictions, examples, strict=True))
+        return {"name": "val_accuracy", "value": round(right / len(examples), 4), "examples": len(examples)}
+    return {}
 
 
 def calibration_subset(texts: list[str], count: int) -> list[str]:
@@ -107,5 +151,7 @@ def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> dict[str
             "lines": result.lines,
             "stages": {stage.name: state["stages"][stage.name] for stage in plan.stages},
         }
+        if metric := validation_metric(work, stage_folder):
+            record["metric"] = metric
         (work / "compression.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record

@@ -109,7 +109,8 @@ def _pyplot() -> Any:
 def tradeoff_points(state: dict[str, Any]) -> list[tuple[str, float, float | None, float]]:
     """``(name, MiB, ms at 8 x 128 or None, metric)`` for the teacher, each stage and final/.
 
-    final/ is drawn at its last stage's validation metric (the export itself is checked for parity, not scored).
+    final/ is drawn at its own validation metric (scored on its runtime) when ``compress.json`` has it, else at its
+    last stage's (runs from before final/ was scored).
     """
     latency = (state.get("latency_ms") or {}).get("8x128", {})
     points = []
@@ -119,7 +120,8 @@ def tradeoff_points(state: dict[str, Any]) -> list[tuple[str, float, float | Non
             points.append((name, record["weights_bytes"] / 2**20, latency.get(name), record["final"]))
     final = state.get("final", {})
     if final.get("weights_bytes") and points:
-        points.append(("final/", final["weights_bytes"] / 2**20, latency.get("final"), points[-1][3]))
+        metric = final.get("metric", {}).get("value", points[-1][3])
+        points.append(("final/", final["weights_bytes"] / 2**20, latency.get("final"), metric))
     return points
 
 
@@ -139,7 +141,8 @@ def plot_tradeoff(state: dict[str, Any], path: Path) -> Path:
             axis.annotate(point[0], (point[column], point[3]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         axis.set(xlabel=label, ylabel=f"{metric} (validation)")
         axis.grid(alpha=0.3)
-    figure.suptitle("Trade-off (final/ drawn at its last stage's metric)")
+    scored = "metric" in state.get("final", {})
+    figure.suptitle("Trade-off" + ("" if scored else " (final/ drawn at its last stage's metric)"))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -189,6 +192,9 @@ def plot_layers(shares: dict[str, float], path: Path, stage: str) -> Path:
     return path
 
 
+PARAMS, SPARSITY = "params", "linear_sparsity"
+
+
 def stage_rows(state: dict[str, Any]) -> list[str]:
     """Markdown rows: teacher and each stage with metric, retention, parameters, sparsity, size, steps, time."""
     teacher = state.get("teacher_figures", {})
@@ -205,8 +211,9 @@ def stage_rows(state: dict[str, Any]) -> list[str]:
         retention = f"{score / reference:.3f}" if score is not None and reference else ""
         return (
             f"| {name} | {record.get('start', '')} | {record.get('steps', '')} | "
-            f"{'' if score is None else f'{score:.4f}'} | {retention} | {record.get('params', 0):,} | "
-            f"{record.get('linear_sparsity', 0):.0%} | {record.get('weights_bytes', 0) / 2**20:.1f} | "
+            f"{'' if score is None else f'{score:.4f}'} | {retention} | "
+            f"{f'{record[PARAMS]:,}' if PARAMS in record else ''} | "
+            f"{f'{record[SPARSITY]:.0%}' if SPARSITY in record else ''} | {record.get('weights_bytes', 0) / 2**20:.1f} | "
             f"{latency.get(key, '')} | {record.get('seconds', '')} |"
         )
 
@@ -216,8 +223,9 @@ def stage_rows(state: dict[str, Any]) -> list[str]:
         lines.append(row(f"{name} ({record.get('state')})", record, name))
     final = state.get("final")
     if final:
-        size = f"{final['weights_bytes'] / 2**20:.1f}"
-        lines.append(f"| final/ ({final['format']}) |  |  |  |  |  |  | {size} | {latency.get('final', '')} |  |")
+        lines.append(
+            row(f"final/ ({final['format']})", {"final": final.get("metric", {}).get("value"), **final}, "final")
+        )
     return lines
 
 

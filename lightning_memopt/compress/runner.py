@@ -289,7 +289,9 @@ def compress(
         print("[memopt compress] final/: written before from the same stages and plan, kept", flush=True)
     else:
         final = write_final(plan, output_dir, state)
-        state["final"] = {key: final[key] for key in ("format", "weights_bytes", "vocabulary") if key in final}
+        state["final"] = {
+            key: final[key] for key in ("format", "weights_bytes", "vocabulary", "metric") if key in final
+        }
         state.pop("latency_ms", None)  # the figures of an earlier final/
     if not latency:
         state.pop("latency_ms", None)  # an earlier run's figures need not describe this final/
@@ -445,7 +447,9 @@ def summary_table(plan: Plan, state: dict[str, Any]) -> str:
         )
     if "final" in state:
         size = f"{state['final']['weights_bytes'] / 2**20:.1f}"
-        rows.append(("final", state["final"]["format"], "", "", "", "", "", size, ""))
+        metric = state["final"].get("metric", {}).get("value")
+        score = "" if metric is None else f"{metric:.4f}"
+        rows.append(("final", state["final"]["format"], "", score, "", "", "", size, ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     return "\n".join([f"memopt compress: plan {plan.name}", *lines])
