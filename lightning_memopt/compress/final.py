@@ -19,7 +19,7 @@ import yaml
 from lightning_memopt.compress.plan import Plan
 from lightning_memopt.core.atomic_io import atomic_folder
 from lightning_memopt.tasks.data import TransformerDataModule
-from lightning_memopt.tasks.entity_f1 import count_entities, entity_types
+from lightning_memopt.tasks.entity_f1 import micro_f1
 from lightning_memopt.tasks.readers import LabelledText, TaggedSentence
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin")
@@ -61,17 +61,6 @@ def training_texts(stage_folder: Path) -> list[str]:
     return recipe_data(stage_folder, purpose).split_texts("train")
 
 
-def entity_f1(predicted: list[list[str]], gold: list[list[str]]) -> float:
-    """Micro entity-level F1 over sentences of IOB2 tags (seqeval's number, as ``EntityF1`` computes it).
-
-    >>> entity_f1([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "B-ORG"]])
-    0.5
-    """
-    types = entity_types([tag for sentence in predicted + gold for tag in sentence])
-    correct, found, expected = count_entities(predicted, gold, types)
-    return 2 * sum(correct) / (sum(found) + sum(expected)) if sum(found) + sum(expected) else 0.0
-
-
 def validation_metric(folder: Path, stage_folder: Path) -> dict[str, Any]:
     """A model folder's metric on the recipe's validation split, run on the folder's own runtime (OpenVINO,
     ONNX Runtime or torch): entity F1 for NER, accuracy for classification; ``{}`` for other tasks or without
@@ -87,7 +76,7 @@ def validation_metric(folder: Path, stage_folder: Path) -> dict[str, Any]:
     if isinstance(examples[0], TaggedSentence):
         predictions = predict(folder, [example.tokens for example in examples], threads=2, progress=False)
         gold = [list(example.tags) for example in examples]
-        value = entity_f1([list(p.labels) for p in predictions], gold)
+        value = micro_f1([list(p.labels) for p in predictions], gold)
         return {"name": "val_f1", "value": round(value, 4), "examples": len(examples)}
     if isinstance(examples[0], LabelledText) and all(example.text_pair is None for example in examples):
         predictions = predict(folder, [example.text for example in examples], threads=2, progress=False)

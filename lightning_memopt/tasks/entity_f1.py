@@ -151,6 +151,17 @@ def _safe_div(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def micro_f1(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequence[str]]) -> float:
+    """Micro entity-level F1 over sentences of IOB2 tags, from string tags (``EntityF1``'s ``f1``, seqeval's number).
+
+    >>> micro_f1([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "B-ORG"]])
+    0.5
+    """
+    types = entity_types([tag for sentence in [*pred_tags, *gold_tags] for tag in sentence])
+    correct, predicted, gold = count_entities(pred_tags, gold_tags, types)
+    return _safe_div(2 * sum(correct), sum(predicted) + sum(gold))
+
+
 def _validate_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """Check that ``labels`` is a non-empty list of unique, non-empty strings and return it as a tuple.
 
