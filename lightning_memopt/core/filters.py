@@ -48,6 +48,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(rows), int(columns)
 
 
+def output_dim(module: nn.Module) -> int:
+    """The weight dimension of a linear layer's output features: 0 for ``nn.Linear``, 1 for ``Conv1D`` (``[in, out]``)."""
+    return 0 if isinstance(module, nn.Linear) else 1
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(out_features, in_features)``, as ``nn.Linear`` stores it (a view for ``Conv1D``)."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_memopt.core.filters import conv1d_class
+from lightning_memopt.core.filters import conv1d_class, output_dim
 from lightning_memopt.pruning.units import UnitGroup, find_unit_groups, unit_features, unit_index
 
 SHRUNK_KEY = "memopt_shrunk"  # config.json: {"heads": {group: kept}, "neurons": {group: kept}}
@@ -72,17 +72,19 @@ def _slice_linear(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
     """A new ``nn.Linear`` (or ``Conv1D``) with only the kept features along the weight's ``dim``."""
     weight = layer.weight.detach().index_select(dim, keep).clone()
     if isinstance(layer, nn.Linear):
-        out_dim, (out_features, in_features) = 0, weight.shape
+        out_features, in_features = weight.shape
         new = nn.Linear(
             in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype
         )
     else:  # Conv1D: weight [in, out], always a bias
-        out_dim, (in_features, out_features) = 1, weight.shape
+        in_features, out_features = weight.shape
         new = conv1d_class()(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach() if dim != out_dim else layer.bias.detach().index_select(0, keep))
+            new.bias.copy_(
+                layer.bias.detach() if dim != output_dim(layer) else layer.bias.detach().index_select(0, keep)
+            )
     return new
 
 

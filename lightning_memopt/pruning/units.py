@@ -61,7 +61,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_memopt.core.filters import is_linear, linear_shape
+from lightning_memopt.core.filters import is_linear, linear_shape, output_dim
 
 Structure = Literal["heads", "neurons", "heads_and_neurons"]
 
@@ -175,7 +175,7 @@ def _layer_slices(
     prefix: str, path: str, layer: nn.Module, side: Literal["out", "in"], size: int, parts: int = 1
 ) -> list[UnitSlice]:
     """The unit slices of a linear layer's output (weight and bias) or input features (weight)."""
-    out_dim = 0 if isinstance(layer, nn.Linear) else 1  # Conv1D stores its weight as [in, out]
+    out_dim = output_dim(layer)
     pieces = [UnitSlice(f"{prefix}{path}.weight", out_dim if side == "out" else 1 - out_dim, size, parts)]
     if layer.bias is not None and side == "out":
         pieces.append(UnitSlice(f"{prefix}{path}.bias", 0, size, parts))
