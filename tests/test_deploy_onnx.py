@@ -73,6 +73,27 @@ def test_int8_export_keeps_the_labels_and_is_smaller(tiny_bert_dir: Path, tmp_pa
     assert not list((tmp_path / "int8").glob("model.fp32*"))
 
 
+def test_int8_export_with_calibration_sentences_is_ort_static_qdq(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    import onnx
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(
+        SequenceClassificationModule(str(tiny_bert_dir), labels=["0", "1"]), tmp_path / "sst2.ckpt"
+    )
+    main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / 'fp32'}", "--format=onnx"])
+    main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / 'static'}", "--format=onnx",
+          "--int8=true", f"--calibration_file={conll_small['train']}"])  # fmt: skip
+    graph = onnx.load(str(tmp_path / "static" / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    # Activations quantized with ranges fixed at export (QDQ pairs), not measured per call.
+    assert "DynamicQuantizeLinear" not in ops and ops.count("QuantizeLinear") >= 4 and "DequantizeLinear" in ops
+    manifest = json.loads((tmp_path / "static" / "manifest.json").read_text())
+    assert manifest["format"] == "onnx-int8" and manifest["parity"]["argmax_agreement"] >= 0.995
+    assert (tmp_path / "static" / "model.onnx").stat().st_size < (tmp_path / "fp32" / "model.onnx").stat().st_size
+
+
 def test_a_structurally_pruned_model_exports_shrunk(tiny_bert_dir: Path, tmp_path: Path) -> None:
     import onnx
 

@@ -47,13 +47,15 @@ def export_command(argv: Sequence[str]) -> None:
         choices=["transformers", "onnx", "openvino"],
         help="transformers: a folder from_pretrained loads; onnx: model.onnx (opset 18, dynamic axes); openvino: "
         "OpenVINO IR; each with the tokenizer and label map beside it and checked against the torch model (needs the "
-        "deploy extra). With --int8: ONNX Runtime's dynamic int8, or NNCF's post-training int8 for OpenVINO.",
+        "deploy extra). With --int8: ONNX Runtime's dynamic int8 (static with --calibration_file), or NNCF's post-training int8 for "
+        "OpenVINO.",
     )
     parser.add_argument(
         "--calibration_file",
         default=None,
-        help="--format openvino --int8: sentences NNCF calibrates on (CoNLL, a table or plain text, as memopt "
-        "predict reads them); your training data is best.",
+        help="--int8 with --format openvino (NNCF) or onnx (ONNX Runtime's static int8 instead of dynamic): "
+        "sentences the activation ranges are calibrated on (CoNLL, a table or plain text, as memopt predict reads "
+        "them); your training data is best.",
     )
     parser.add_argument(
         "--min_agreement",

@@ -24,7 +24,7 @@ from lightning_memopt.core.atomic_io import atomic_folder
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.core.sources import resolve_pretrained
-from lightning_memopt.deploy.onnx import Parity
+from lightning_memopt.deploy.onnx import CALIBRATION_SIZE, Parity
 from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
@@ -129,10 +129,12 @@ def export_checkpoint(
         model_source, prefix: for checkpoints that do not say which ``transformers`` model they hold
             (see :func:`~lightning_memopt.core.models.model_from_checkpoint`).
         format: ``"transformers"`` (a folder ``from_pretrained`` loads), ``"onnx"`` (``model.onnx``, checked
-            against the torch model; with ``int8``, ONNX Runtime's dynamic int8) or ``"openvino"`` (with ``int8``,
+            against the torch model; with ``int8``, ONNX Runtime's dynamic int8, or its static int8 given
+            ``calibration``) or ``"openvino"`` (with ``int8``,
             NNCF post-training int8, or the trained quantizers of an ``OpenVINOQuantizationAwareTraining`` run).
         min_agreement: the share of parity positions where an int8 ONNX model must pick torch's label.
-        calibration: sentences NNCF calibrates ``format="openvino", int8=True`` on (your training data).
+        calibration: sentences a post-training int8 graph calibrates on (your training data): NNCF's for
+            ``format="openvino"``, ONNX Runtime's static quantization for ``format="onnx"``.
     """
     ckpt_path = Path(ckpt_path)
     check_flags(int8, sparse, shrink, format)
@@ -280,11 +282,18 @@ def _write_graph_folder(
     elif quantizer_count(model):
         kind = "int8 (the scales NNCF's quantizers learned in OpenVINOQuantizationAwareTraining"
         kind += ", as QuantizeLinear/DequantizeLinear pairs)" if format == "onnx" else ")"
-    elif format == "onnx":
-        kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)"
     else:
-        sentences = f"{len(calibration)} calibration sentences" if calibration else "the parity sentences"
-        kind = f"int8 (NNCF post-training quantization on {sentences})"
+        sentences = (
+            f"{min(len(calibration), CALIBRATION_SIZE)} calibration sentences"
+            if calibration
+            else "the parity sentences"
+        )
+        if format == "openvino":
+            kind = f"int8 (NNCF post-training quantization on {sentences})"
+        elif calibration:
+            kind = f"int8 (ONNX Runtime static quantization, QDQ, per-channel MatMul weights, on {sentences})"
+        else:
+            kind = "int8 (ONNX Runtime dynamic quantization, per-channel MatMul weights)"
     model.config.architectures = [type(model).__name__]  # what the folder holds, for memopt predict
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -308,7 +317,7 @@ def write_graph(
     if format == "onnx":
         from lightning_memopt.deploy.onnx import write_onnx
 
-        return write_onnx(model, tokenizer, folder, int8=int8, min_agreement=min_agreement)
+        return write_onnx(model, tokenizer, folder, int8, min_agreement, calibration)
     from lightning_memopt.deploy.openvino import write_openvino
 
     return write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)

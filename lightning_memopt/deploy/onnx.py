@@ -3,8 +3,8 @@
 ``torch.onnx.export(dynamo=True)`` at opset 18 writes ``model.onnx`` with dynamic batch and sequence axes
 (Optimum's exporter pins an older ``transformers``). Every export ends with a parity check on a fixed
 batch of real English sentences, run by ONNX Runtime: float32 logits within ``1e-4`` (max abs) of the
-torch model, and for int8 exports (ONNX Runtime's own dynamic quantization, per-channel weights) the
-same argmax for at least 99.5 % of the positions. A failed check fails the export; nothing is written.
+torch model, and for int8 exports (ONNX Runtime's own post-training quantization: dynamic, or static QDQ when
+calibration sentences are given; per-channel weights) the same argmax for at least 99.5 % of the positions. A failed check fails the export; nothing is written.
 A model trained with ``OpenVINOQuantizationAwareTraining`` is written as QuantizeLinear/DequantizeLinear pairs
 carrying its trained scales (:func:`export_qdq_graph`) and checked against the quantized torch model.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ FP32_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.995
 EXTRA = "deploy"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CALIBRATION_SIZE = 300  # sentences a post-training int8 export calibrates on, at most
 # A fixed batch of real sentences of different lengths (newswire, reviews, questions) for the parity check.
 PARITY_SENTENCES = (
     "EU rejects German call to boycott British lamb .",
@@ -185,6 +187,40 @@ def quantize_dynamic_int8(source: Path, target: Path) -> None:
     )
 
 
+def calibration_batches(tokenizer: Any, names: list[str], texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One-example batches of the first :data:`CALIBRATION_SIZE` ``texts`` as the model's inputs (numpy int64)."""
+    items = []
+    for text in list(texts)[:CALIBRATION_SIZE]:
+        encoded = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
+        zeros = np.zeros_like(encoded["input_ids"])
+        items.append({name: encoded.get(name, zeros).astype(np.int64) for name in names})
+    return items
+
+
+def quantize_static_int8(source: Path, target: Path, batches: Sequence[dict[str, np.ndarray]]) -> None:
+    """ONNX Runtime's own post-training static int8 as a QDQ graph: per-channel int8 MatMul weights, per-tensor
+    uint8 activations whose ranges (min/max) are measured on ``batches``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(source),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        op_types_to_quantize=["MatMul"],
+    )
+
+
 def reference_logits(model: nn.Module, tokenizer: Any) -> tuple[list[str], dict[str, torch.Tensor], np.ndarray]:
     """The model's input names, the parity batch and the model's own logits on it (float32, eval mode)."""
     model.eval().float()
@@ -204,10 +240,16 @@ def checked_parity(
 
 
 def write_onnx(
-    model: nn.Module, tokenizer: Any, folder: Path, int8: bool = False, min_agreement: float = INT8_AGREEMENT
+    model: nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    int8: bool = False,
+    min_agreement: float = INT8_AGREEMENT,
+    calibration: Sequence[str] | None = None,
 ) -> Parity:
-    """``folder/model.onnx`` (float32, ONNX Runtime dynamic int8, or the QDQ graph of a model holding NNCF's
-    trained quantizers), after the parity check passes."""
+    """``folder/model.onnx`` (float32; ONNX Runtime's dynamic int8, or its static int8 calibrated on the
+    ``calibration`` sentences; or the QDQ graph of a model holding NNCF's trained quantizers), after the parity
+    check passes."""
     require_deploy_extra("onnx", "onnxscript", "onnxruntime")
     trained = holds_trained_quantizers(model, int8)
     names, batch, reference = reference_logits(model, tokenizer)
@@ -217,7 +259,10 @@ def write_onnx(
     elif int8:
         float_path = folder / "model.fp32.onnx"
         export_graph(model, names, batch, float_path)
-        quantize_dynamic_int8(float_path, target)
+        if calibration:
+            quantize_static_int8(float_path, target, calibration_batches(tokenizer, names, calibration))
+        else:
+            quantize_dynamic_int8(float_path, target)
         for leftover in folder.glob("model.fp32.onnx*"):  # the float graph and any external data beside it
             leftover.unlink()
     else:

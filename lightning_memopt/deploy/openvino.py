@@ -29,9 +29,11 @@ from torch import nn
 
 from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.deploy.onnx import (
+    CALIBRATION_SIZE,
     INT8_AGREEMENT,
     PARITY_SENTENCES,
     Parity,
+    calibration_batches,
     checked_parity,
     export_graph,
     parity_batch,
@@ -42,7 +44,6 @@ from lightning_memopt.quantization.openvino_qat import HOOKS, holds_trained_quan
 
 log = logging.getLogger(__name__)
 OPENVINO_FILE = "openvino_model.xml"
-CALIBRATION_SIZE = 300
 
 
 def compile_openvino(path: Path, precision: str | None = None, threads: int | None = None) -> Any:
@@ -60,16 +61,6 @@ def compile_openvino(path: Path, precision: str | None = None, threads: int | No
 def run_openvino(compiled: Any, batch: dict[str, torch.Tensor | np.ndarray]) -> np.ndarray:
     feed = {port.any_name: np.asarray(batch[port.any_name]) for port in compiled.inputs}
     return np.asarray(compiled(feed)[compiled.output(0)])
-
-
-def calibration_batches(tokenizer: Any, names: list[str], texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """One-example batches of ``texts`` as the model's inputs, for NNCF's statistics."""
-    items = []
-    for text in list(texts)[:CALIBRATION_SIZE]:
-        encoded = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
-        zeros = np.zeros_like(encoded["input_ids"])
-        items.append({name: encoded.get(name, zeros).astype(np.int64) for name in names})
-    return items
 
 
 def write_openvino(
