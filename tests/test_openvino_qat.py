@@ -88,6 +88,27 @@ def test_resume_continues_exactly_and_the_openvino_export_carries_the_trained_sc
     assert np.abs(session.run(["logits"], feed)[0] - quantized).max() < 0.5 * np.abs(quantized).max()
 
 
+def test_distillation_from_the_float_model_trains_the_quantized_student(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
+) -> None:
+    """QAT with KD from the float model (the teacher loads before NNCF quantizes the student): the KD term is the
+    quantized student's, and its trained scales export."""
+    from lightning_memopt import KnowledgeDistillation
+
+    torch.manual_seed(0)
+    teacher = TokenClassificationModule(str(tiny_bert_dir), labels=CONLL_LABELS).model  # the student's start
+    kd = KnowledgeDistillation(teacher=teacher, alpha=0.5, temperature=2.0)
+    module, trainer = fit_tiny_ner(tiny_bert_dir, conll_small["train"], tmp_path, [qat(), kd], 6, 6)
+    assert quantizer_count(module.model) > 0 and getattr(module.model, HOOKS, None) is not None
+    metrics = trainer.callback_metrics
+    # The student starts as the teacher, so only quantization noise and 6 steps separate them: a small, live KD term.
+    assert 0.0 < float(metrics["train_kd"]) < 1.0 and "train_total" in metrics
+    folder = tmp_path / "ov8"
+    main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={folder}", "--format=openvino",
+          "--int8=true", "--min_agreement=0.85"])  # fmt: skip
+    assert json.loads((folder / "manifest.json").read_text())["format"] == "openvino-int8"
+
+
 def test_pruned_weights_stay_zero_under_the_quantizers(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
