@@ -72,9 +72,11 @@ def dev_set(task: str) -> tuple[list[Any], list[Any]]:
     return [row.text for row in rows], [row.label for row in rows]
 
 
-def score(task: str, folder: Path, inputs: list[Any], gold: list[Any], runtime: str) -> float:
+def score(task: str, folder: Path, inputs: list[Any], gold: list[Any], runtime: str, precision: str = "auto") -> float:
     """Entity F1 (seqeval, as EntityF1) or accuracy of the folder's predictions on its runtime."""
-    predictions = predict(folder, inputs, runtime=runtime, batch_size=64, threads=2, progress=False)
+    predictions = predict(
+        folder, inputs, runtime=runtime, batch_size=64, threads=2, progress=False, precision=precision
+    )
     if task == "ner":
         from seqeval.metrics import f1_score
 
