@@ -1,8 +1,9 @@
 """``memopt estimate`` against measurement: predicted and measured per-device peak training memory.
 
-Each configuration (model width and depth, batch, sequence length, strategy, devices, optimizer,
-activation checkpointing) trains a randomly initialised BERT token classifier for a few steps with
-``TokenClassificationModule`` on fixed-shape batches, in a child process, and ``MemoryMonitor``
+Each configuration (architecture, model width and depth, batch, sequence length, strategy, devices, optimizer,
+activation checkpointing) trains a randomly initialised model for a few steps on fixed-shape batches, in a child
+process: a BERT token classifier with ``TokenClassificationModule``, or a decoder LM (Llama with grouped-query
+attention and SwiGLU, or GPT-2 with its Conv1D layers and tied head) with ``CausalLMModule``, and ``MemoryMonitor``
 records each step's peak resident memory. Measured = the largest step peak after the first step
 (when the optimizer state exists) minus the process's resident memory just before the model was
 built (interpreter, libraries, data). Predicted = ``lightning_memopt.estimate`` for the same
@@ -29,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import payload_header, report_header, run_child, save_results, today, write_child_result
+from common import payload_header, report_header, results_file, run_child, save_results, today, write_child_result
 
 MIB = 2**20
-VOCAB = 30522
+VOCAB = {"bert": 30522, "llama": 32000, "gpt2": 50257}
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,21 @@ class Config:
     checkpointing: bool = False
     accelerator: str = "cpu"
     precision: str = "32-true"
+    architecture: str = "bert"  # bert (token classifier), llama (GQA, SwiGLU) or gpt2 (causal LMs)
 
     @property
     def name(self) -> str:
         ckpt = "-ckpt" if self.checkpointing else ""
         precision = "" if self.precision == "32-true" else f"-{self.precision}"
+        architecture = "" if self.architecture == "bert" else f"{self.architecture}-"
         return (
-            f"h{self.hidden}-l{self.layers}-b{self.batch}-s{self.sequence}-{self.strategy}{self.devices}"
+            f"{architecture}h{self.hidden}-l{self.layers}-b{self.batch}-s{self.sequence}-{self.strategy}{self.devices}"
             f"-{self.optimizer}{ckpt}{precision}"
         )
+
+    @property
+    def task(self) -> str:
+        return "token-classification" if self.architecture == "bert" else "causal-lm"
 
     @property
     def heads(self) -> int:
@@ -75,6 +82,9 @@ CONFIGS = [
     Config(384, 6, 8, 256, strategy="fsdp2", devices=2, checkpointing=True),
     Config(384, 6, 8, 128, strategy="zero2", devices=2),
     Config(384, 6, 8, 128, strategy="zero3", devices=2),
+    Config(512, 4, 4, 256, architecture="llama"),
+    Config(512, 4, 4, 256, strategy="fsdp2", devices=2, architecture="llama"),
+    Config(384, 4, 4, 256, architecture="gpt2"),
 ]
 # One CUDA device (the distributed strategies then run on NCCL with one rank): bert-base and bert-large shapes.
 CUDA_CONFIGS = [
@@ -87,16 +97,27 @@ CUDA_CONFIGS = [
     Config(768, 12, 32, 128, strategy="zero2", accelerator="cuda"),
     Config(768, 12, 32, 128, strategy="zero3", accelerator="cuda"),
     Config(768, 12, 32, 128, accelerator="cuda", precision="bf16-mixed"),
+    Config(1024, 8, 8, 1024, accelerator="cuda", architecture="llama"),
+    Config(1024, 8, 8, 1024, strategy="fsdp2", checkpointing=True, accelerator="cuda", architecture="llama"),
+    Config(768, 12, 8, 1024, accelerator="cuda", architecture="gpt2"),
 ]
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
-def bert_config(config: Config) -> Any:
+def model_config(config: Config) -> Any:
     """The ``transformers`` config of the configuration's model."""
-    from transformers import BertConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
+    vocab = VOCAB[config.architecture]
+    if config.architecture == "llama":  # two query heads per KV head; SwiGLU of 8/3 the width, as Llama sizes it
+        return LlamaConfig(vocab_size=vocab, hidden_size=config.hidden, intermediate_size=8 * config.hidden // 3,
+                           num_hidden_layers=config.layers, num_attention_heads=config.heads,
+                           num_key_value_heads=max(1, config.heads // 2), max_position_embeddings=config.sequence)  # fmt: skip
+    if config.architecture == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=config.hidden, n_layer=config.layers, n_head=config.heads,
+                          n_positions=max(1024, config.sequence))  # fmt: skip
     return BertConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=config.hidden,
         num_hidden_layers=config.layers,
         num_attention_heads=config.heads,
@@ -106,12 +127,16 @@ def bert_config(config: Config) -> Any:
 
 
 def model_folder(config: Config, workdir: Path) -> Path:
-    """A randomly initialised BERT of the configuration's shape, saved where the module loads it."""
-    from transformers import BertForTokenClassification
+    """A randomly initialised model of the configuration's shape, saved where the module loads it."""
+    from transformers import AutoModelForCausalLM, BertForTokenClassification
 
-    folder = workdir / "models" / f"h{config.hidden}-l{config.layers}"
+    name = "" if config.architecture == "bert" else f"{config.architecture}-"
+    folder = workdir / "models" / f"{name}h{config.hidden}-l{config.layers}"
     if not (folder / "config.json").exists():
-        BertForTokenClassification(bert_config(config)).save_pretrained(folder)
+        if config.architecture == "bert":
+            BertForTokenClassification(model_config(config)).save_pretrained(folder)
+        else:
+            AutoModelForCausalLM.from_config(model_config(config)).save_pretrained(folder)
     return folder
 
 
@@ -121,7 +146,13 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
     from lightning.pytorch import LightningDataModule, Trainer
     from torch.utils.data import DataLoader
 
-    from lightning_memopt import FSDP2Strategy, MemoryMonitor, TokenClassificationModule, ZeROStrategy
+    from lightning_memopt import (
+        CausalLMModule,
+        FSDP2Strategy,
+        MemoryMonitor,
+        TokenClassificationModule,
+        ZeROStrategy,
+    )
     from lightning_memopt.distributed.memory_monitor import cpu_peak_bytes, reset_cpu_peak
 
     class FixedBatches(LightningDataModule):
@@ -129,14 +160,13 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
             generator = torch.Generator().manual_seed(0)
             count = steps * config.batch * config.devices
             shape = (config.sequence,)
-            rows = [
-                {
-                    "input_ids": torch.randint(1000, VOCAB, shape, generator=generator),
-                    "attention_mask": torch.ones(shape, dtype=torch.long),
-                    "labels": torch.randint(0, len(LABELS), shape, generator=generator),
-                }
-                for _ in range(count)
-            ]
+            rows = []
+            for _ in range(count):
+                ids = torch.randint(1000, VOCAB[config.architecture], shape, generator=generator)
+                labels = (
+                    torch.randint(0, len(LABELS), shape, generator=generator) if config.task != "causal-lm" else ids
+                )
+                rows.append({"input_ids": ids, "attention_mask": torch.ones(shape, dtype=torch.long), "labels": labels})
             return DataLoader(rows, batch_size=config.batch)
 
     data = FixedBatches()
@@ -145,7 +175,11 @@ def measure(config: Config, workdir: Path, steps: int) -> dict:
     else:
         reset_cpu_peak()
         baseline = cpu_peak_bytes()
-    module = TokenClassificationModule(str(model_folder(config, workdir)), labels=LABELS, optimizer=config.optimizer)
+    folder = str(model_folder(config, workdir))
+    if config.task == "causal-lm":
+        module = CausalLMModule(folder, optimizer=config.optimizer)
+    else:
+        module = TokenClassificationModule(folder, labels=LABELS, optimizer=config.optimizer)
     if config.strategy.startswith("zero"):
         strategy = ZeROStrategy(stage=int(config.strategy[-1]), activation_checkpointing=config.checkpointing)
     else:
@@ -179,14 +213,16 @@ def predict(config: Config) -> dict:
     from lightning_memopt.estimate.simulation import simulate_step
     from lightning_memopt.estimate.strategies import device_peak
 
-    bert = bert_config(config)
+    model = model_config(config)
+    # The fused kernel runs on CUDA, and on the CPU where attention has no dropout (Llama; GPT-2 and BERT have some).
+    no_dropout = getattr(model, "attention_dropout", None) == 0.0
     step = simulate_step(
-        bert,
-        "token-classification",
+        model,
+        config.task,  # type: ignore[arg-type]
         config.batch,
         config.sequence,
         activation_checkpointing=config.checkpointing,
-        fused_attention=config.accelerator == "cuda",
+        fused_attention=config.accelerator == "cuda" or no_dropout,
     )
     return device_peak(step, config.strategy, config.devices, config.optimizer, config.accelerator, DEFAULT_BUCKET)  # type: ignore[arg-type]
 
@@ -214,6 +250,30 @@ def add_prediction(row: dict, predicted: dict) -> None:
     row["error"] = predicted["peak"] / row["measured_bytes"] - 1
 
 
+def report_name(accelerator: str) -> str:
+    return "estimator" if accelerator == "cpu" else f"estimator-{accelerator}"
+
+
+def keep_saved_rows(payload: dict, steps: int, accelerator: str, configs: dict[str, Config]) -> None:
+    """Rows of the saved results this run did not measure (``--only``), predicted again, noted with their origin."""
+    saved = results_file(report_name(accelerator), steps)
+    if not saved.exists():
+        return
+    previous = json.loads(saved.read_text())
+    measured = {row["name"] for row in payload["rows"]}
+    where = {field: previous[field] for field in ("command", "date", "machine")}
+    origins = payload.setdefault("carried_over", {})
+    for row in previous["rows"]:
+        if row["name"] not in measured and row["name"] in configs:
+            add_prediction(row, predict(configs[row["name"]]))
+            payload["rows"].append(row)
+            origins[row["name"]] = previous.get("carried_over", {}).get(row["name"], where)
+    order = list(configs)
+    payload["rows"].sort(key=lambda row: order.index(row["name"]))
+    if not origins:
+        del payload["carried_over"]
+
+
 def write_report(payload: dict, steps: int, accelerator: str) -> Path:
     measured_how, notes = CUDA_NOTES if accelerator == "cuda" else CPU_NOTES
     predicted_again = [f"Predictions made {payload['predicted']}"] if "predicted" in payload else []
@@ -222,8 +282,11 @@ def write_report(payload: dict, steps: int, accelerator: str) -> Path:
         payload,
         measured_how,
         *predicted_again,
-        "Predicted: `lightning_memopt.estimate` (meta-device simulation of one step, then the strategy's sharding).",
-        "Model: random BERT token classifier, vocabulary 30,522, FFN 4 x width, heads = width / 64.",
+        "Predicted (every row, by this run): `lightning_memopt.estimate` (meta-device simulation of one step, then "
+        "the strategy's sharding).",
+        "Model: random BERT token classifier, vocabulary 30,522, FFN 4 x width, heads = width / 64; `llama-`: random "
+        "Llama causal LM, vocabulary 32,000, SwiGLU of 8/3 x width, heads = width / 64 with half as many KV heads; "
+        "`gpt2-`: random GPT-2 (Conv1D layers, head tied to the embedding), vocabulary 50,257.",
     )
     lines += [
         "| configuration | predicted MiB | measured MiB | error |",
@@ -245,8 +308,7 @@ def write_report(payload: dict, steps: int, accelerator: str) -> Path:
         notes,
         "",
     ]
-    name = "estimator" if accelerator == "cpu" else f"estimator-{accelerator}"
-    return save_results(name, steps, payload, lines)
+    return save_results(report_name(accelerator), steps, payload, lines)
 
 
 def main() -> None:
@@ -256,7 +318,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per configuration")
     parser.add_argument("--workdir", default="/tmp/memopt-estimator")
     parser.add_argument("--skip_done", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="configuration names to run (the saved figures of the others are kept)"
+    )
     parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="which configuration list")
     parser.add_argument("--measured", default=None, help="an earlier run's JSON: predict again, measure nothing")
     parser.add_argument("--_child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -292,6 +356,8 @@ def main() -> None:
         add_prediction(row, predict(config))
         print(row, flush=True)
         payload["rows"].append(row)
+    if args.only:
+        keep_saved_rows(payload, args.steps, args.accelerator, configs)
     print(f"Report: {write_report(payload, args.steps, args.accelerator)}")
 
 
