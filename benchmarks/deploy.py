@@ -171,9 +171,8 @@ def scores_of(task: str, rows: list[Row], cache: Path) -> dict[str, list[float]]
 def latency_in_fresh_process(rows: list[Row], rounds: int) -> dict[str, dict[str, float]]:
     """{shape: {row: median ms}}, timed by this script in a new process (see :func:`time_rows`)."""
     spec = json.dumps({"rows": [asdict(row) for row in rows], "rounds": rounds})
-    result = subprocess.run(
-        [sys.executable, __file__, "--time_rows", spec], check=True, capture_output=True, text=True, cwd=PROJECT_ROOT
-    )
+    command = [sys.executable, __file__, "--time_rows", spec]
+    result = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
