@@ -86,7 +86,8 @@ def calibration_texts(task: str, seed: int) -> list[str]:
 def from_folder(dense: Path, folder: Path, **options: Any) -> str:
     """``memopt export`` of the dense folder with ``options`` into ``folder``, unless an earlier run wrote it."""
     if not (folder / MANIFEST).exists():  # the manifest is written last
-        export_folder(dense, folder, **options)
+        # The dev metric judges each int8 row; the export's 99.5 % parity gate would drop a row rather than score it.
+        export_folder(dense, folder, **({"min_agreement": 0.9} if options.get("int8") else {}), **options)
     return str(folder)
 
 
@@ -99,7 +100,7 @@ def from_checkpoint(checkpoint: Path, folder: Path, **options: Any) -> str:
 
 def qat_export(checkpoint: Path, folder: Path, format: str) -> str:
     """The int8 graph of a QAT run with its trained scales."""
-    return from_checkpoint(checkpoint, folder, format=format, int8=True, min_agreement=0.98)
+    return from_checkpoint(checkpoint, folder, format=format, int8=True, min_agreement=0.9)
 
 
 def train_qat(task: str, dense: Path, run: Path, seed: int, distil: bool) -> Path:
