@@ -128,6 +128,19 @@ def test_a_parity_failure_fails_the_export_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("vnni", [True, False])
+def test_an_int8_parity_failure_names_the_saturation_of_cpus_without_vnni(
+    vnni: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_memopt.deploy import onnx as module
+
+    monkeypatch.setattr(module, "cpu_has_int8_dot_product", lambda: vnni)
+    with pytest.raises(ValueError, match=r"label for only 99\.0% of 99") as error:
+        module.check_parity(module.Parity(0.3, 0.99, 99), int8=True)
+    assert ("no VNNI or AMX" in str(error.value)) is not vnni
+    module.check_parity(module.Parity(0.3, 0.99, 99), int8=True, min_agreement=0.98)  # lowered: accepted
+
+
 def test_a_missing_runtime_names_the_extra(
     ner_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

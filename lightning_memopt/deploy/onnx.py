@@ -164,12 +164,28 @@ def measure_parity(reference: np.ndarray, exported: np.ndarray, mask: np.ndarray
     return Parity(round(difference, 9), agreement, int(reference.shape[0]))
 
 
+def cpu_has_int8_dot_product() -> bool | None:
+    """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX); ``None`` where
+    ``/proc/cpuinfo`` cannot tell. Without one, x86 int8 kernels multiply-add through 16-bit intermediates that
+    can saturate, so the same int8 model can be less accurate there than on a VNNI CPU."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(info.read_text().split()))
+
+
 def check_parity(parity: Parity, int8: bool, min_agreement: float = INT8_AGREEMENT) -> None:
     if int8 and parity.argmax_agreement < min_agreement:
+        saturation = (
+            " This CPU has no VNNI or AMX: its int8 kernels can saturate where a VNNI CPU's do not, so the model may "
+            "agree better where you deploy; check its accuracy there and lower --min_agreement if it holds."
+            if cpu_has_int8_dot_product() is False
+            else ""
+        )
         raise ValueError(
             f"The int8 model picks the torch model's label for only {parity.argmax_agreement:.1%} of "
             f"{parity.positions} parity positions (needs {min_agreement:.1%}, --min_agreement); the export was not "
-            "written. Train with QuantizationAwareTraining, or export float32."
+            f"written. Train with QuantizationAwareTraining, or export float32.{saturation}"
         )
     if not int8 and parity.max_abs_diff > FP32_TOLERANCE:
         raise ValueError(
