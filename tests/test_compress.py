@@ -47,6 +47,9 @@ STRUCTURED = {
 }
 
 
+OPENVINO_INT8 = {"format": "openvino", "int8": True}
+
+
 def prune_stage(name: str = "prune", callback: dict = PRUNE_80, **keys: object) -> dict:
     return {"name": name, "overlay": {"trainer": {"callbacks+": [callback]}}, **keys}
 
@@ -99,6 +102,20 @@ def test_the_readme_plan_parses() -> None:
             "stage s: `overlay` sets the stage's weights",
         ),
         ({"stages": [{"name": "s"}], "final": {"format": "tflite"}}, r"final: `format` is one of"),
+        ({"stages": [{"name": "q", "qat": {}, "openvino_qat": {}}]}, "stage q: `qat` and `openvino_qat` both"),
+        (
+            {"stages": [{"name": "q", "openvino_qat": {}}, {"name": "s"}], "final": OPENVINO_INT8},
+            "stage q: `openvino_qat` trains NNCF's quantized model, which no later stage can start from",
+        ),
+        (
+            {"stages": [prune_stage(callback=STRUCTURED, shrink=True, openvino_qat={})], "final": OPENVINO_INT8},
+            "stage prune: `openvino_qat` with structured pruning or `shrink`",
+        ),
+        ({"stages": [{"name": "q", "openvino_qat": {}}]}, "stage q: `openvino_qat`'s learned scales reach only"),
+        (
+            {"stages": [{"name": "q", "openvino_qat": {}}], "final": {**OPENVINO_INT8, "trim_vocabulary": True}},
+            "final: `trim_vocabulary` would rebuild the embeddings after stage q",
+        ),
         ({"stages": [{"name": "s"}], "kd": {"teacher": "x"}}, "`kd` is a mapping of KnowledgeDistillation options"),
         ({"stage": []}, r"unknown key\(s\) \['stage'\]"),
     ],
@@ -302,6 +319,42 @@ def test_a_plan_runs_its_stages_in_order_skips_them_when_rerun_and_resumes_a_kil
     plan.write_text(yaml.safe_dump(changed))
     refused = memopt_failing(compress_args(plan, tiny_teacher, tmp_path / "whole", recipe), tmp_path)
     assert refused.returncode == 2 and "stage student: its definition changed" in refused.stderr
+
+
+def test_an_openvino_qat_stage_ships_its_trained_scales_as_the_final_graph(
+    tiny_bert_dir: Path, conll_small: dict[str, Path], tiny_teacher: Path, tmp_path: Path
+) -> None:
+    plan = tmp_path / "ov.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ov",
+                "final": {**OPENVINO_INT8, "min_agreement": 0.5},  # a 6-step tiny model's logits lie close together
+                "stages": [
+                    {"name": "student", "student_layers": [1]},
+                    {"name": "int8", "openvino_qat": {"calibration_batches": 2}},
+                ],
+            }
+        )
+    )
+    recipe = small_ner_args(tiny_bert_dir, conll_small, 6)
+    result = succeeded(memopt(compress_args(plan, tiny_teacher, tmp_path / "out", recipe), cwd=tmp_path))
+    assert "quantized by NNCF" in result.stdout + result.stderr
+    state = json.loads((tmp_path / "out" / "compress.json").read_text())
+    assert state["stages"]["int8"]["state"] == "done" and state["stages"]["int8"]["start"] == "student"
+    assert "params" not in state["stages"]["int8"] and state["stages"]["int8"]["weights_bytes"] > 0
+    overlay = yaml.safe_load((tmp_path / "out" / "int8" / "stage.yaml").read_text())
+    classes = [callback["class_path"].rsplit(".", 1)[-1] for callback in overlay["trainer"]["callbacks+"]]
+    assert classes == ["OpenVINOQuantizationAwareTraining", "KnowledgeDistillation"]
+    final = json.loads((tmp_path / "out" / "final" / "compression.json").read_text())
+    assert final["format"] == "openvino-int8"
+    assert any("learned in OpenVINOQuantizationAwareTraining" in line for line in final["lines"])
+    assert final["metric"]["examples"] == 65  # scored on OpenVINO
+
+    import openvino as ov
+
+    graph = ov.Core().read_model(tmp_path / "out" / "final" / "openvino_model.xml")
+    assert any(op.get_type_name() == "FakeQuantize" for op in graph.get_ops())
 
 
 def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(

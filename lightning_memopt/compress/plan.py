@@ -21,6 +21,9 @@ Stage keys (all optional but ``name``):
 - ``keep_mask``: hold the previous stage's unstructured sparsity fixed (a constant ``PruningScheduler`` at its
   final sparsity and scope), for learning-rate rewinding;
 - ``qat``: ``QuantizationAwareTraining`` options (``{}`` for its defaults);
+- ``openvino_qat``: ``OpenVINOQuantizationAwareTraining`` options (``{}`` for its defaults): the stage trains
+  NNCF's static int8 model, whose learned scales the final OpenVINO (or ONNX QDQ) graph carries; it must be the
+  last stage, with ``final: {format: openvino, int8: true}`` (or ``onnx``) and no vocabulary trimming;
 - ``shrink``: hand the next stage (and the final export) the model with structurally pruned heads and
   neurons cut out;
 - ``configs``: overlay files (e.g. ``recipes/pruning/unstructured-80.yaml``), before ``overlay``;
@@ -60,6 +63,7 @@ class Stage:
     distill: bool = True
     keep_mask: bool = False
     qat: dict[str, Any] | None = None
+    openvino_qat: dict[str, Any] | None = None
     shrink: bool = False
     configs: tuple[str, ...] = ()
     overlay: dict[str, Any] = field(default_factory=dict)
@@ -148,11 +152,14 @@ def _stage(raw: Any, index: int, plan_name: str) -> Stage:
             raise PlanError(f"{where}: `student_layers` is a non-empty list of teacher layer indices, got {layers!r}")
         if layers != sorted(set(layers)):
             raise PlanError(f"{where}: `student_layers` must be increasing without repeats, got {layers}")
-    qat = raw.get("qat")
-    if qat is True:
-        qat = {}
-    if qat is not None and qat is not False and not isinstance(qat, dict):
-        raise PlanError(f"{where}: `qat` is a mapping of QuantizationAwareTraining options (`{{}}`: defaults)")
+    quantizers = {}
+    for key, callback in (("qat", "QuantizationAwareTraining"), ("openvino_qat", "OpenVINOQuantizationAwareTraining")):
+        options = {} if raw.get(key) is True else raw.get(key)
+        if options is not None and options is not False and not isinstance(options, dict):
+            raise PlanError(f"{where}: `{key}` is a mapping of {callback} options (`{{}}`: defaults)")
+        quantizers[key] = options if isinstance(options, dict) else None
+    if quantizers["qat"] is not None and quantizers["openvino_qat"] is not None:
+        raise PlanError(f"{where}: `qat` and `openvino_qat` both quantize the model; keep one of them")
     for key in ("distill", "keep_mask", "shrink"):
         if key in raw and not isinstance(raw[key], bool):
             raise PlanError(f"{where}: `{key}` is true or false, got {raw[key]!r}")
@@ -173,7 +180,8 @@ def _stage(raw: Any, index: int, plan_name: str) -> Stage:
         student_layers=tuple(layers) if layers is not None else None,
         distill=raw.get("distill", True),
         keep_mask=raw.get("keep_mask", False),
-        qat=qat if isinstance(qat, dict) else None,
+        qat=quantizers["qat"],
+        openvino_qat=quantizers["openvino_qat"],
         shrink=raw.get("shrink", False),
         configs=tuple(configs),
         overlay=overlay,
@@ -221,12 +229,41 @@ def _check_order(plan: Plan) -> None:
                 f"{where}: `student_layers` cuts layers out of stage {pruned_by.name}'s pruned model; cut the student "
                 "first, or start it from the teacher (`start: teacher`)"
             )
+        if stage.openvino_qat is not None:
+            _check_openvino_qat(plan, index, structure if prunes else None)
         if prunes or stage.keep_mask:
             pruned_by = stage
         if stage.qat is not None:
             quantized_by = stage
     if plan.final.int8 and plan.final.sparse:
         raise PlanError(f"plan {plan.name}, final: `int8` and `sparse` cannot be combined yet; choose one")
+
+
+def _check_openvino_qat(plan: Plan, index: int, structure: str | None) -> None:
+    """An ``openvino_qat`` stage hands NNCF's quantized model to the final int8 graph and to nothing else."""
+    stage = plan.stages[index]
+    where = f"plan {plan.name}, stage {stage.name}"
+    if index != len(plan.stages) - 1:
+        raise PlanError(
+            f"{where}: `openvino_qat` trains NNCF's quantized model, which no later stage can start from; make it the "
+            "last stage"
+        )
+    if stage.shrink or structure not in (None, "unstructured"):
+        raise PlanError(
+            f"{where}: `openvino_qat` with structured pruning or `shrink` would cut units out of the quantized model; "
+            "prune and shrink in an earlier stage"
+        )
+    final = plan.final
+    if not final.int8 or final.format not in ("openvino", "onnx"):
+        raise PlanError(
+            f"{where}: `openvino_qat`'s learned scales reach only an int8 OpenVINO or ONNX graph; set "
+            "`final: {format: openvino, int8: true}` (or format onnx)"
+        )
+    if final.trim_vocabulary:
+        raise PlanError(
+            f"plan {plan.name}, final: `trim_vocabulary` would rebuild the embeddings after stage {stage.name} trained "
+            "its int8 scales; remove it, or quantize after training with `final: {int8: true}` instead of `openvino_qat`"
+        )
 
 
 def parse_plan(raw: Any, name: str = "plan") -> Plan:

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from lightning_memopt.compress.final import write_final
+from lightning_memopt.compress.final import weights_bytes, write_final
 from lightning_memopt.compress.plan import Plan, PlanError, Stage
 from lightning_memopt.core.atomic_io import atomic_folder, atomic_write_text
 from lightning_memopt.core.checkpoints import read_checkpoint
@@ -159,6 +159,9 @@ def stage_overlay(plan: Plan, index: int, start: str, teacher: str) -> dict[str,
     """What memopt compress adds on top of the stage's own overlay: start weights, KD, kept mask, QAT."""
     stage = plan.stages[index]
     callbacks: list[dict[str, Any]] = []
+    if stage.openvino_qat is not None:  # NNCF quantizes the student at setup, before the teacher is loaded
+        init_args = dict(stage.openvino_qat)
+        callbacks.append({"class_path": "lightning_memopt.OpenVINOQuantizationAwareTraining", "init_args": init_args})
     if stage.distill:
         callbacks.append(
             {"class_path": "lightning_memopt.KnowledgeDistillation", "init_args": {"teacher": teacher, **plan.kd}}
@@ -397,14 +400,19 @@ def run_stage(
     from lightning_memopt.deploy.export import export_checkpoint
 
     export = folder / "export"
-    export_checkpoint(last, export, shrink=stage.shrink, overwrite=True)
+    if stage.openvino_qat is None:
+        export_checkpoint(last, export, shrink=stage.shrink, overwrite=True)
+        counts = {**weight_counts(export), "weights_bytes": folder_bytes(export)}
+    else:  # NNCF's quantized model exists only as an int8 graph with its trained scales
+        graph = {"format": plan.final.format, "min_agreement": plan.final.min_agreement}
+        export_checkpoint(last, export, int8=True, overwrite=True, **graph)
+        counts = {"weights_bytes": weights_bytes(export)}
     record = {
         **state["stages"][stage.name],
         "state": DONE,
         **stage_figures(last),
         "seconds": seconds + float(state["stages"][stage.name].get("seconds", 0)),
-        **weight_counts(export),
-        "weights_bytes": folder_bytes(export),
+        **counts,
     }
     state["stages"][stage.name] = record
     save_state(output_dir, state)
@@ -412,7 +420,7 @@ def run_stage(
 
 
 def record_latency(plan: Plan, output_dir: Path, teacher_weights: str) -> dict[str, dict[str, float]]:
-    """Batch 8 x 128 and 1 x 128 latency of the teacher, each stage's export (torch) and final/ (its runtime)."""
+    """Batch 8 x 128 and 1 x 128 latency of the teacher, each stage's export and final/, each on its runtime."""
     from lightning_memopt.deploy.latency import latency_in_fresh_process
 
     folders = {"teacher": Path(teacher_weights)} if Path(teacher_weights).is_dir() else {}
@@ -439,8 +447,8 @@ def summary_table(plan: Plan, state: dict[str, Any]) -> str:
                 str(record.get("steps", "")),
                 f"{record['final']:.4f}" if "final" in record else "",
                 f"{record['best']:.4f}" if "best" in record else "",
-                f"{record.get('params', 0):,}",
-                f"{record.get('linear_sparsity', 0):.0%}",
+                f"{record['params']:,}" if "params" in record else "",  # an int8 graph's stage: not counted
+                f"{record['linear_sparsity']:.0%}" if "linear_sparsity" in record else "",
                 f"{record.get('weights_bytes', 0) / 2**20:.1f}",
                 str(record.get("seconds", "")),
             )
