@@ -43,6 +43,7 @@ from compress import dev_set, score, training_texts
 
 from lightning_memopt.compress.final import weights_bytes
 from lightning_memopt.deploy.export import MANIFEST, export_checkpoint, export_folder
+from lightning_memopt.deploy.onnx import CALIBRATION_SIZE
 
 RECIPES = {
     "ner": ["recipes/ner/conll2003.yaml", "recipes/ner/conll2003-offline.yaml"],
@@ -52,7 +53,6 @@ QAT_OVERLAY = "recipes/quantization/openvino-qat.yaml"
 KD = ["--trainer.callbacks+=lightning_memopt.KnowledgeDistillation", "--trainer.callbacks.alpha=0.5",
       "--trainer.callbacks.temperature=2.0"]  # fmt: skip
 SHAPES = ((8, 128), (1, 128))
-CALIBRATION = 300
 FP32, COMPILE, TORCH_INT8 = "torch fp32", "torch.compile", "torch int8 (ours, dynamic, torch.ao kernel)"
 ORT_FP32, ORT_DYNAMIC, ORT_STATIC = "ORT fp32", "ORT dynamic int8 PTQ", "ORT static int8 PTQ (QDQ)"
 OV_FP32, OV_BF16, OV_PTQ = "OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8 PTQ (NNCF)"
@@ -80,7 +80,7 @@ def has_bf16() -> bool:
 
 def calibration_texts(task: str, seed: int) -> list[str]:
     texts = training_texts(task)
-    return random.Random(seed).sample(texts, min(CALIBRATION, len(texts)))
+    return random.Random(seed).sample(texts, min(CALIBRATION_SIZE, len(texts)))
 
 
 def from_folder(dense: Path, folder: Path, **options: Any) -> str:
@@ -193,8 +193,9 @@ def time_rows(spec: dict[str, Any], threads: int = 2, runs: int = 3) -> dict[str
     for row in rows:
         folder = Path(row.folders[0])
         if row.compiled:
-            model = torch.compile(load_pretrained(folder))
-            names = model_input_names(model)
+            base = load_pretrained(folder)
+            names = model_input_names(base)  # the compiled wrapper's forward takes (*args, **kwargs)
+            model = torch.compile(base)
 
             def call(batch: dict, model: Any = model, names: list[str] = names) -> Any:
                 with torch.inference_mode():
@@ -228,25 +229,26 @@ def mean(values: list[float]) -> float:
 
 
 def aims(scores: dict[str, list[float]], latency: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Issue 27's figures: metrics in points (x100, mean over seeds), speed at batch 8 x 128."""
+    """Issue 27's figures for one artefact, our QAT export on its fastest runtime: its speed over the fastest PTQ
+    row's and its metric minus the most accurate PTQ row's, fp32's and NNCF's QAT's (points: x100, mean over
+    seeds); speed at batch 8 x 128."""
     ms = latency["8x128"]
+    ours = min(OURS_ROWS, key=lambda name: ms[name])
     best_ptq = max(PTQ_ROWS, key=lambda name: mean(scores[name]))
-    return {
+    fastest_ptq = min(PTQ_ROWS, key=lambda name: ms[name])
+    figures: dict[str, Any] = {
+        "qat_row": ours,
         "best_ptq_row": best_ptq,
-        "fastest_ptq_row": min(PTQ_ROWS, key=lambda name: ms[name]),
-        "qat_speed_vs_best_ptq": round(min(ms[name] for name in PTQ_ROWS) / min(ms[name] for name in OURS_ROWS), 3),
-        "qat_minus_best_ptq": round(100 * (mean(scores[OURS_OV]) - mean(scores[best_ptq])), 2),
-        "qat_minus_fp32": round(100 * (mean(scores[OURS_OV]) - mean(scores[FP32])), 2),
-        "qat_minus_nncf_qat": round(100 * (mean(scores[OURS_OV]) - mean(scores[NNCF_QAT])), 2),
-        **(
-            {
-                "structured_speedup_torch": round(ms[FP32] / ms[STRUCTURED_TORCH], 3),
-                "structured_speedup_openvino": round(ms[OV_FP32] / ms[STRUCTURED_OV], 3),
-            }
-            if STRUCTURED_TORCH in ms
-            else {}
-        ),
+        "fastest_ptq_row": fastest_ptq,
+        "qat_speed_vs_best_ptq": round(ms[fastest_ptq] / ms[ours], 3),
+        "qat_minus_best_ptq": round(100 * (mean(scores[ours]) - mean(scores[best_ptq])), 2),
+        "qat_minus_fp32": round(100 * (mean(scores[ours]) - mean(scores[FP32])), 2),
+        "qat_minus_nncf_qat": round(100 * (mean(scores[ours]) - mean(scores[NNCF_QAT])), 2),
     }
+    if STRUCTURED_TORCH in ms:
+        figures["structured_speedup_torch"] = round(ms[FP32] / ms[STRUCTURED_TORCH], 3)
+        figures["structured_speedup_openvino"] = round(ms[OV_FP32] / ms[STRUCTURED_OV], 3)
+    return figures
 
 
 AIM_BOUNDS = {
@@ -284,7 +286,12 @@ def render_task(task: str, payload: dict[str, Any]) -> list[str]:
             f"| {dense['latency_ms']['8x128'] / ms['8x128']:.2f}x | {dense['latency_ms']['1x128'] / ms['1x128']:.2f}x |"
         )
     figures = payload["aims"]
-    lines += ["", f"Most accurate PTQ row: {figures['best_ptq_row']}; fastest: {figures['fastest_ptq_row']}.", ""]
+    lines += [
+        "",
+        f"Our QAT export on its fastest runtime: {figures['qat_row']}. Most accurate PTQ row: "
+        f"{figures['best_ptq_row']}; fastest: {figures['fastest_ptq_row']}.",
+        "",
+    ]
     lines += ["| aim | measured | met |", "|---|---|---|"]
     for key, bound in AIM_BOUNDS.items():
         if key not in figures:
@@ -298,6 +305,8 @@ def write_page() -> Path:
     payloads = {
         task: json.loads(path.read_text()) for task in RECIPES if (path := RESULTS / f"deploy-{task}.json").exists()
     }
+    if not payloads:
+        raise SystemExit(f"--render: no saved results in {RESULTS}/deploy-<task>.json; run the benchmark first.")
     first = next(iter(payloads.values()))
     flags = first["cpu_flags"]
     int8_dot = [flag for flag in flags if flag in ("avx512_vnni", "avx_vnni", "amx_int8")]
@@ -347,8 +356,12 @@ def main() -> None:
         return
     if args.dense is None or not (args.dense / "config.json").exists():
         parser.error(f"--dense {args.dense}: give the fine-tuned model's exported folder (memopt export).")
-    out = args.out or PROJECT_ROOT / "runs" / f"deploy-{args.task}"
+    out = (args.out or PROJECT_ROOT / "runs" / f"deploy-{args.task}").resolve()  # the fit children run elsewhere
     out.mkdir(parents=True, exist_ok=True)
+    recorded, dense = out / "dense.txt", str(args.dense.resolve())
+    if recorded.exists() and recorded.read_text().strip() != dense:
+        parser.error(f"--out {out} holds the rows of {recorded.read_text().strip()}; give another --out for {dense}.")
+    recorded.write_text(dense + "\n")
     rows = build_rows(args.task, args.dense.resolve(), out, args.seeds, args.structured)
     scores = scores_of(args.task, rows, out / "scores.json")
     latency = latency_in_fresh_process(rows, args.rounds)
