@@ -109,7 +109,15 @@ def test_the_readme_plan_parses() -> None:
         ),
         (
             {"stages": [prune_stage(callback=STRUCTURED, shrink=True, openvino_qat={})], "final": OPENVINO_INT8},
-            "stage prune: `openvino_qat` with structured pruning or `shrink`",
+            "stage prune: `shrink` would cut units out of NNCF's quantized model",
+        ),
+        (
+            {"stages": [{"name": "t", "qat": {}}, {"name": "q", "openvino_qat": {}}], "final": OPENVINO_INT8},
+            "stage q: `openvino_qat` quantizes again what stage t trained with `qat`",
+        ),
+        (
+            {"stages": [prune_stage(callback={"class_path": "lightning_memopt.OpenVINOQuantizationAwareTraining"})]},
+            "stage prune: its overlay adds OpenVINOQuantizationAwareTraining; use the stage key `openvino_qat`",
         ),
         ({"stages": [{"name": "q", "openvino_qat": {}}]}, "stage q: `openvino_qat`'s learned scales reach only"),
         (
@@ -123,6 +131,15 @@ def test_the_readme_plan_parses() -> None:
 def test_a_plan_mistake_is_named_before_anything_runs(raw: dict, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         parse_plan(raw, name="p")
+
+
+def test_an_openvino_qat_stage_may_prune_without_shrinking_and_older_stages_keep_their_fingerprints() -> None:
+    plan = parse_plan(
+        {"stages": [prune_stage(callback=STRUCTURED, openvino_qat={"calibration_batches": 2})], "final": OPENVINO_INT8}
+    )
+    assert plan.stages[0].openvino_qat == {"calibration_batches": 2}
+    # A stage without the key hashes as before the key existed, so runs started then still resume.
+    assert parse_plan({"stages": [{"name": "s"}]}).stages[0].fingerprint() == "c3b46044d9ddf794"
 
 
 def test_a_rewind_stage_keeps_the_previous_stages_sparsity_and_distils_from_the_teacher() -> None:

@@ -91,8 +91,8 @@ def test_resume_continues_exactly_and_the_openvino_export_carries_the_trained_sc
 def test_distillation_from_the_float_model_trains_the_quantized_student(
     tiny_bert_dir: Path, conll_small: dict[str, Path], tmp_path: Path
 ) -> None:
-    """QAT with KD from the float model (the teacher loads before NNCF quantizes the student): the KD term is the
-    quantized student's, and its trained scales export."""
+    """QAT with KD from the float model (NNCF quantizes the student at setup, then KD loads its teacher): the KD
+    term is the quantized student's, and its trained scales export."""
     from lightning_memopt import KnowledgeDistillation
 
     torch.manual_seed(0)

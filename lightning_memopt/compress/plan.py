@@ -77,7 +77,10 @@ class Stage:
 
     def fingerprint(self) -> str:
         """A short hash of what the stage does, to notice a plan that changed under a finished stage."""
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        keys = asdict(self)
+        if keys["openvino_qat"] is None:  # a key added later: unset, it leaves earlier runs' hashes as they were
+            del keys["openvino_qat"]
+        text = json.dumps(keys, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -229,8 +232,13 @@ def _check_order(plan: Plan) -> None:
                 f"{where}: `student_layers` cuts layers out of stage {pruned_by.name}'s pruned model; cut the student "
                 "first, or start it from the teacher (`start: teacher`)"
             )
+        if stage.callback_options("OpenVINOQuantizationAwareTraining") is not None:
+            raise PlanError(
+                f"{where}: its overlay adds OpenVINOQuantizationAwareTraining; use the stage key `openvino_qat` "
+                "(its options as a mapping) so that the stage's export and final/ carry the trained int8 scales"
+            )
         if stage.openvino_qat is not None:
-            _check_openvino_qat(plan, index, structure if prunes else None)
+            _check_openvino_qat(plan, index, quantized_by)
         if prunes or stage.keep_mask:
             pruned_by = stage
         if stage.qat is not None:
@@ -239,7 +247,7 @@ def _check_order(plan: Plan) -> None:
         raise PlanError(f"plan {plan.name}, final: `int8` and `sparse` cannot be combined yet; choose one")
 
 
-def _check_openvino_qat(plan: Plan, index: int, structure: str | None) -> None:
+def _check_openvino_qat(plan: Plan, index: int, quantized_by: Stage | None) -> None:
     """An ``openvino_qat`` stage hands NNCF's quantized model to the final int8 graph and to nothing else."""
     stage = plan.stages[index]
     where = f"plan {plan.name}, stage {stage.name}"
@@ -248,10 +256,14 @@ def _check_openvino_qat(plan: Plan, index: int, structure: str | None) -> None:
             f"{where}: `openvino_qat` trains NNCF's quantized model, which no later stage can start from; make it the "
             "last stage"
         )
-    if stage.shrink or structure not in (None, "unstructured"):
+    if stage.shrink:
         raise PlanError(
-            f"{where}: `openvino_qat` with structured pruning or `shrink` would cut units out of the quantized model; "
-            "prune and shrink in an earlier stage"
+            f"{where}: `shrink` would cut units out of NNCF's quantized model; prune and shrink in an earlier stage"
+        )
+    if quantized_by is not None and plan.start_of(index) != "teacher":
+        raise PlanError(
+            f"{where}: `openvino_qat` quantizes again what stage {quantized_by.name} trained with `qat`, whose scales "
+            "would be lost; keep one of the two"
         )
     final = plan.final
     if not final.int8 or final.format not in ("openvino", "onnx"):
