@@ -1,7 +1,9 @@
-"""OpenVINO IR export: the ONNX graph converted by OpenVINO, float32 or int8 by NNCF post-training quantization.
+"""OpenVINO IR export: the torch model converted by OpenVINO, float32 or int8 by NNCF post-training quantization.
 
-``openvino_model.xml`` / ``.bin`` are written from the checked ONNX export (``ov.convert_model``). The
-parity check runs OpenVINO's CPU plugin at float32 precision (it would pick bf16 on CPUs that have it):
+``openvino_model.xml`` / ``.bin`` are written by OpenVINO's PyTorch frontend (``ov.convert_model`` on the model
+itself, dynamic batch and sequence). It keeps attention as one ScaledDotProductAttention operation, which the CPU
+plugin runs fused; the route through our ONNX export spelled it out as two more MatMuls per layer and ran 1.3x
+slower at int8 (docs/results/deploy.md). The parity check runs OpenVINO's CPU plugin at float32 precision (it would pick bf16 on CPUs that have it):
 logits within ``1e-4`` of torch. With ``int8``, NNCF's post-training quantization for transformers
 (``nncf.quantize(..., model_type=TRANSFORMER)``) calibrates on sentences of your data
 (``calibration``; the parity sentences if none are given, with a warning), and the int8 model must pick
@@ -18,7 +20,6 @@ Needs ``pip install 'lightning-memopt[deploy]'`` (openvino and nncf besides the 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from lightning_memopt.deploy.onnx import (
     Parity,
     calibration_batches,
     checked_parity,
-    export_graph,
     parity_batch,
     reference_logits,
     require_deploy_extra,
@@ -77,13 +77,10 @@ def write_openvino(
 
     trained = holds_trained_quantizers(model, int8)
     names, batch, reference = reference_logits(model, tokenizer)
-    if trained:  # the quantizers and their trained scales become the IR's FakeQuantize operations
-        converted = ov.convert_model(model, example_input=dict(batch))
+    # A model with trained quantizers: they and their scales become the IR's FakeQuantize operations.
+    converted = ov.convert_model(model, example_input=dict(batch))
+    if trained:
         return _saved_and_checked(converted, folder, batch, reference, min_agreement)
-    with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = Path(scratch) / "model.onnx"
-        export_graph(model, names, batch, onnx_path)
-        converted = ov.convert_model(str(onnx_path))
     if int8:
         import nncf
 
