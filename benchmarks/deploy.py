@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_FLAGS, PAGES, PROJECT_ROOT, RESULTS, cpu_flags, machine, today
+from common import CPU_FLAGS, PAGES, PROJECT_ROOT, RESULTS, cpu_flags, payload_header
 from compress import dev_set, score, training_texts
 
 from lightning_memopt.compress.final import weights_bytes
@@ -367,11 +367,8 @@ def main() -> None:
     rows = build_rows(args.task, args.dense.resolve(), out, args.seeds, args.structured)
     scores = scores_of(args.task, rows, out / "scores.json")
     latency = latency_in_fresh_process(rows, args.rounds)
-    payload = {
-        "command": "python benchmarks/deploy.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+    payload = payload_header("deploy.py") | {
         "cpu_flags": cpu_flags(),
-        "date": today(),
         "task": args.task,
         "dense": str(args.dense),
         "seeds": args.seeds,

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import payload_header, report_header, results_file, run_child, save_results, today, write_child_result
+from common import (
+    cpu_flags,
+    payload_header,
+    report_header,
+    results_file,
+    run_child,
+    save_results,
+    today,
+    write_child_result,
+)
 
 MIB = 2**20
 VOCAB = {"bert": 30522, "llama": 32000, "gpt2": 50257}
@@ -282,6 +291,7 @@ def write_report(payload: dict, steps: int, accelerator: str) -> Path:
         payload,
         measured_how,
         *predicted_again,
+        f"CPU flags: {', '.join(payload.get('cpu_flags', [])) or 'not recorded'} (memory, not speed, is measured).",
         "Predicted (every row, by this run): `lightning_memopt.estimate` (meta-device simulation of one step, then "
         "the strategy's sharding).",
         "Model: random BERT token classifier, vocabulary 30,522, FFN 4 x width, heads = width / 64; `llama-`: random "
@@ -343,7 +353,7 @@ def main() -> None:
         print(f"Report: {write_report(payload, args.steps, args.accelerator)}")
         return
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the children, see the module docstring
-    payload = payload_header("estimator.py") | {"rows": []}
+    payload = payload_header("estimator.py") | {"cpu_flags": cpu_flags(), "rows": []}
     for name, config in configs.items():
         if args.only and name not in args.only:
             continue
