@@ -114,10 +114,10 @@ def measure(plans: list[str], teacher: str, outs: dict[str, Path], rounds: int) 
     for plan in plans:  # where the artefact's loss comes from: the last stage in fp32, then its trimmed vocabulary
         state = json.loads((outs[plan] / "compress.json").read_text())
         last = outs[plan] / state["plan"]["stages"][-1]["name"]
-        for label, folder in (
-            (f"{plan}: last stage, fp32", last / "export"),
-            (f"{plan}: trimmed, fp32", last / "trimmed"),
-        ):
+        rows = [(f"{plan}: last stage, fp32", last / "export")]
+        if state["plan"]["final"].get("trim_vocabulary"):
+            rows.append((f"{plan}: trimmed, fp32", last / "trimmed"))
+        for label, folder in rows:
             if folder.is_dir():
                 results[label] = {
                     "score": round(score(task, folder, inputs, gold, "torch"), 4),

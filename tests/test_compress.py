@@ -58,7 +58,8 @@ def prune_stage(name: str = "prune", callback: dict = PRUNE_80, **keys: object) 
 def test_the_shipped_plans_parse(path: Path) -> None:
     plan = read_plan(path)
     assert plan.name == path.stem and plan.final.format == "openvino" and plan.final.int8
-    assert plan.final.trim_vocabulary and plan.kd == {"alpha": 0.5, "temperature": 2.0}
+    assert plan.final.embedding_bits == 4 and not plan.final.trim_vocabulary  # every piece kept, rows in int4
+    assert plan.kd == {"alpha": 0.5, "temperature": 2.0}
     if path.stem.endswith("-sparse"):
         assert [s.name for s in plan.stages] == ["prune", "rewind"] and plan.stages[1].keep_mask
     else:
@@ -123,6 +124,15 @@ def test_the_readme_plan_parses() -> None:
         (
             {"stages": [{"name": "q", "openvino_qat": {}}], "final": {**OPENVINO_INT8, "trim_vocabulary": True}},
             "final: `trim_vocabulary` would rebuild the embeddings after stage q",
+        ),
+        (
+            {"stages": [{"name": "q", "openvino_qat": {}}], "final": {**OPENVINO_INT8, "embedding_bits": 4}},
+            "final: `embedding_bits` recompresses the embeddings of a post-training int8 export, but stage q",
+        ),
+        ({"stages": [{"name": "s"}], "final": {"embedding_bits": 2}}, "final: `embedding_bits` is 8 or 4, got 2"),
+        (
+            {"stages": [{"name": "s"}], "final": {"format": "onnx", "int8": True, "embedding_bits": 4}},
+            "final: `embedding_bits: 4` compresses the embeddings of an OpenVINO int8 artefact",
         ),
         ({"stages": [{"name": "s"}], "kd": {"teacher": "x"}}, "`kd` is a mapping of KnowledgeDistillation options"),
         ({"stage": []}, r"unknown key\(s\) \['stage'\]"),

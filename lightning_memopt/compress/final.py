@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,8 @@ def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> dict[str
     texts = training_texts(stage_folder) if needs_texts else []
     calibration = calibration_subset(texts, final.calibration_sentences) if final.format == "openvino" else None
     record: dict[str, Any] = {"plan": plan.name}
+    if not final.trim_vocabulary:  # a trimmed copy from an earlier plan's final would describe another artefact
+        shutil.rmtree(stage_folder / "trimmed", ignore_errors=True)
     with atomic_folder(output_dir / "final", overwrite=True) as work:
         if final.trim_vocabulary:
             record["vocabulary"] = trimmed_folder(
@@ -127,12 +130,13 @@ def write_final(plan: Plan, output_dir: Path, state: dict[str, Any]) -> dict[str
             result = export_folder(
                 stage_folder / "trimmed", work, int8=final.int8, sparse=final.sparse, format=final.format,
                 calibration=calibration, min_agreement=final.min_agreement, overwrite=True,
+                embedding_bits=final.embedding_bits,
             )  # fmt: skip
         else:
             result = export_checkpoint(
                 stage_folder / "checkpoints" / "last.ckpt", work, int8=final.int8, sparse=final.sparse,
                 shrink=last_stage.shrink, format=final.format, calibration=calibration,
-                min_agreement=final.min_agreement, overwrite=True,
+                min_agreement=final.min_agreement, overwrite=True, embedding_bits=final.embedding_bits,
             )  # fmt: skip
         record |= {
             "format": result.manifest.get("format"),

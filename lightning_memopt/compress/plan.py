@@ -92,7 +92,8 @@ class FinalExport:
     pieces the training data uses (plus ``keep_words``' pieces and the vocabulary's first ``keep_first_pieces``,
     its most frequent ones, which keep more unseen words whole) in the embeddings and tokenizer;
     ``calibration_sentences`` training sentences calibrate OpenVINO's int8; ``min_agreement`` is the share of
-    parity positions where an int8 graph must pick the float model's label.
+    parity positions where an int8 graph must pick the float model's label; ``embedding_bits: 4`` stores the
+    embedding tables of an OpenVINO int8 artefact in int4 (``memopt export --embedding_bits 4``).
     """
 
     format: Literal["transformers", "onnx", "openvino"] = "transformers"
@@ -103,6 +104,7 @@ class FinalExport:
     keep_first_pieces: int = 0
     calibration_sentences: int = 300
     min_agreement: float = 0.995
+    embedding_bits: int = 8
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,11 @@ def _check_openvino_qat(plan: Plan, index: int, quantized_by: Stage | None) -> N
             f"{where}: `openvino_qat`'s learned scales reach only an int8 OpenVINO or ONNX graph; set "
             "`final: {format: openvino, int8: true}` (or format onnx)"
         )
+    if final.embedding_bits != 8:
+        raise PlanError(
+            f"plan {plan.name}, final: `embedding_bits` recompresses the embeddings of a post-training int8 export, "
+            f"but stage {stage.name} trains NNCF's int8 embeddings with `openvino_qat`; remove `embedding_bits`"
+        )
     if final.trim_vocabulary:
         raise PlanError(
             f"plan {plan.name}, final: `trim_vocabulary` would rebuild the embeddings after stage {stage.name} trained "
@@ -310,6 +317,14 @@ def parse_plan(raw: Any, name: str = "plan") -> Plan:
     first = final_raw.get("keep_first_pieces", 0)
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
         raise PlanError(f"plan {name}, final: `keep_first_pieces` is a number of word pieces (>= 0), got {first!r}")
+    bits = final_raw.get("embedding_bits", 8)
+    if bits not in (8, 4) or isinstance(bits, bool):
+        raise PlanError(f"plan {name}, final: `embedding_bits` is 8 or 4, got {bits!r}")
+    if bits == 4 and not (final_raw.get("format") == "openvino" and final_raw.get("int8")):
+        raise PlanError(
+            f"plan {name}, final: `embedding_bits: 4` compresses the embeddings of an OpenVINO int8 artefact; set "
+            "`format: openvino` and `int8: true`, or remove `embedding_bits`"
+        )
     for option, given in (("keep_words", keep), ("keep_first_pieces", first)):
         if given and not final_raw.get("trim_vocabulary"):
             raise PlanError(f"plan {name}, final: `{option}` only matters with `trim_vocabulary: true`")

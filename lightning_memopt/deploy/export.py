@@ -71,10 +71,17 @@ def format_name(format: str, int8: bool) -> str:
     return "int8" if format == "transformers" else f"{format}-int8"
 
 
-def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transformers") -> None:
+def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transformers", embedding_bits: int = 8) -> None:
     """Refuse export options that cannot be honoured together."""
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not one of {', '.join(FORMATS)}.")
+    if embedding_bits not in (8, 4):
+        raise ValueError(f"--embedding_bits is 8 or 4, got {embedding_bits!r}.")
+    if embedding_bits != 8 and not (format == "openvino" and int8):
+        raise ValueError(
+            f"--embedding_bits {embedding_bits} compresses the embedding tables of an OpenVINO int8 export; add "
+            "--format openvino --int8 true, or leave --embedding_bits at 8."
+        )
     if format in ("onnx", "openvino"):
         if sparse:
             raise ValueError(
@@ -118,6 +125,7 @@ def export_checkpoint(
     format: str = "transformers",
     min_agreement: float = 0.995,
     calibration: list[str] | None = None,
+    embedding_bits: int = 8,
 ) -> ExportResult:
     """Write the model in ``ckpt_path`` (any LightningModule's checkpoint) to ``output_dir``.
 
@@ -135,9 +143,11 @@ def export_checkpoint(
         min_agreement: the share of parity positions where an int8 ONNX model must pick torch's label.
         calibration: sentences a post-training int8 graph calibrates on (your training data): NNCF's for
             ``format="openvino"``, ONNX Runtime's static quantization for ``format="onnx"``.
+        embedding_bits: 4 stores the embedding tables of an OpenVINO int8 export in int4
+            (:func:`~lightning_memopt.deploy.openvino.compress_embeddings`); 8 keeps NNCF's int8 rows.
     """
     ckpt_path = Path(ckpt_path)
-    check_flags(int8, sparse, shrink, format)
+    check_flags(int8, sparse, shrink, format, embedding_bits)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder.")
     meta = read_checkpoint(ckpt_path, tensors=False)  # everything but the weights: task, QAT state
@@ -149,7 +159,7 @@ def export_checkpoint(
         )
     model, tokenizer_source, model_prefix = model_of(ckpt_path, meta, model_source, prefix)
     source = {"checkpoint": str(ckpt_path.resolve()), "sha256": checkpoint_sha256(ckpt_path)}
-    options = ExportOptions(format, int8, sparse, shrink, min_agreement, calibration)
+    options = ExportOptions(format, int8, sparse, shrink, min_agreement, calibration, embedding_bits)
     return write_export(
         model, tokenizer_source, model_prefix, checkpoint_qat_state(meta), source, output_dir, options, overwrite
     )
@@ -165,6 +175,7 @@ def export_folder(
     format: str = "transformers",
     min_agreement: float = 0.995,
     calibration: list[str] | None = None,
+    embedding_bits: int = 8,
 ) -> ExportResult:
     """Write the model of an exported folder (shrunk or vocabulary-trimmed included) in ``format``.
 
@@ -172,10 +183,10 @@ def export_folder(
     """
     from lightning_memopt.deploy.load import load_pretrained
 
-    check_flags(int8, sparse, False, format)
+    check_flags(int8, sparse, False, format, embedding_bits)
     model = load_pretrained(model_folder)
     source = {"folder": str(Path(model_folder).resolve())}
-    options = ExportOptions(format, int8, sparse, False, min_agreement, calibration)
+    options = ExportOptions(format, int8, sparse, False, min_agreement, calibration, embedding_bits)
     return write_export(model, str(model_folder), "", None, source, output_dir, options, overwrite)
 
 
@@ -189,6 +200,7 @@ class ExportOptions:
     shrink: bool = False
     min_agreement: float = 0.995
     calibration: list[str] | None = None
+    embedding_bits: int = 8
 
 
 def write_export(
@@ -207,9 +219,7 @@ def write_export(
     with atomic_folder(output_dir, overwrite) as folder:
         extra: dict[str, Any] = {}
         if format in ("onnx", "openvino"):
-            extra["parity"] = _write_graph_folder(
-                model, tokenizer_source, folder, format, int8, shrink, lines, options.min_agreement, options.calibration
-            )
+            extra["parity"] = _write_graph_folder(model, tokenizer_source, folder, options, lines)
         elif int8:
             names = convert_with_qat_state(model, qat_state, prefix=model_prefix)
             if qat_state is None:
@@ -244,6 +254,7 @@ def write_export(
             "format": format_name(format, int8),
             "sparse": sparse,
             "shrink": shrink,
+            **({"embedding_bits": options.embedding_bits} if options.embedding_bits != 8 else {}),
             "source": source,
             "model": {"class": type(model).__name__, "from": tokenizer_source, "prefix": model_prefix},
             **provenance(),
@@ -253,21 +264,12 @@ def write_export(
     return ExportResult(Path(output_dir), manifest, lines)
 
 
-def _write_graph_folder(
-    model: nn.Module,
-    source: str,
-    folder: Path,
-    format: str,
-    int8: bool,
-    shrink: bool,
-    lines: list[str],
-    min_agreement: float,
-    calibration: list[str] | None,
-) -> dict:
+def _write_graph_folder(model: nn.Module, source: str, folder: Path, options: ExportOptions, lines: list[str]) -> dict:
     """An ONNX or OpenVINO folder: the graph (checked against torch), config with the label map, tokenizer."""
     from transformers import AutoTokenizer
 
-    if shrink:
+    format, int8, calibration = options.format, options.int8, options.calibration
+    if options.shrink:
         shrunk = shrink_pruned(model, heads=True)
         lines.append(f"Shrunk: parameters {shrunk.params_before:,} -> {shrunk.params_after:,}.")
     try:
@@ -276,7 +278,7 @@ def _write_graph_folder(
         raise ValueError(
             f"--format {format} needs the model's tokenizer (for the parity check and beside the model): {error}"
         ) from None
-    parity = write_graph(model, tokenizer, folder, format, int8, min_agreement, calibration)
+    parity = write_graph(model, tokenizer, folder, options)
     if not int8:
         kind = "float32"
     elif quantizer_count(model):
@@ -289,7 +291,8 @@ def _write_graph_folder(
             else "the parity sentences"
         )
         if format == "openvino":
-            kind = f"int8 (NNCF post-training quantization on {sentences})"
+            embeddings = ", int4 embeddings" if options.embedding_bits == 4 else ""
+            kind = f"int8 (NNCF post-training quantization on {sentences}{embeddings})"
         elif calibration:
             kind = f"int8 (ONNX Runtime static quantization, QDQ, per-channel MatMul weights, on {sentences})"
         else:
@@ -304,23 +307,17 @@ def _write_graph_folder(
     return asdict(parity)
 
 
-def write_graph(
-    model: nn.Module,
-    tokenizer: Any,
-    folder: Path,
-    format: str,
-    int8: bool,
-    min_agreement: float,
-    calibration: list[str] | None,
-) -> Parity:
+def write_graph(model: nn.Module, tokenizer: Any, folder: Path, options: ExportOptions) -> Parity:
     """The ONNX or OpenVINO graph of ``model`` in ``folder``, checked against it."""
-    if format == "onnx":
+    if options.format == "onnx":
         from lightning_memopt.deploy.onnx import write_onnx
 
-        return write_onnx(model, tokenizer, folder, int8, min_agreement, calibration)
+        return write_onnx(model, tokenizer, folder, options.int8, options.min_agreement, options.calibration)
     from lightning_memopt.deploy.openvino import write_openvino
 
-    return write_openvino(model, tokenizer, folder, int8, calibration, min_agreement)
+    return write_openvino(
+        model, tokenizer, folder, options.int8, options.calibration, options.min_agreement, options.embedding_bits
+    )
 
 
 def export_model(
@@ -343,8 +340,9 @@ def export_model(
     """
     if format not in NAMES:
         raise ValueError(f"export_model writes {' or '.join(NAMES)}; for a transformers folder use export_checkpoint.")
+    options = ExportOptions(format, int8, min_agreement=min_agreement, calibration=calibration)
     with atomic_folder(output_dir, overwrite) as folder:
-        parity = write_graph(model, tokenizer, folder, format, int8, min_agreement, calibration)
+        parity = write_graph(model, tokenizer, folder, options)
         tokenizer.save_pretrained(folder)
         manifest = {
             "format": format_name(format, int8),
