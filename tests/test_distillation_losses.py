@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from lightning_memopt.distillation import attention_kl, distillation_loss, hidden_state_mse, soft_target_kl
+from lightning_memopt.distillation import (
+    attention_kl,
+    distillation_loss,
+    head_chunked_kl,
+    hidden_state_mse,
+    soft_target_kl,
+)
 
 
 def softmax(values: list[float]) -> list[float]:
@@ -114,6 +120,37 @@ def test_the_chunked_kd_loss_through_an_lm_head_and_a_weight() -> None:
         grads.append(torch.autograd.grad(total, (states, weight)))
     for one_pass, chunked in zip(*grads, strict=True):
         torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6 * float(one_pass.abs().max()))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own head", "head tied to the embeddings"])
+def test_the_head_chunked_kd_loss_equals_the_loss_on_the_heads_logits(tied: bool) -> None:
+    # hidden states and LM heads in, never the logits: the same value and the same gradients (hidden states, head
+    # weight and bias; a head tied to an embedding gets its gradient through both uses) as the loss on the logits
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(64, 16)
+    head, teacher_head = torch.nn.Linear(16, 64, bias=not tied), torch.nn.Linear(24, 64)
+    if tied:
+        head.weight = embedding.weight
+    ids, teacher_hidden = torch.randint(0, 64, (2, 15)), torch.randn(2, 15, 24)
+    mask = torch.rand(2, 15) > 0.2
+    params = list({*embedding.parameters(), *head.parameters()})
+    results = []
+    for fused in (False, True):
+        hidden = embedding(ids) * 1.5  # a non-leaf body output
+        if fused:
+            kd = head_chunked_kl(hidden, head, teacher_hidden, teacher_head, 2.0, mask, chunk_rows=4, top_k=10)
+        else:
+            kd = soft_target_kl(head(hidden), teacher_head(teacher_hidden).detach(), 2.0, mask, top_k=10)
+        total = 0.3 * kd + 0.7 * head(hidden).logsumexp(-1).mean()  # beside another loss on the same head
+        results.append((kd.detach(), torch.autograd.grad(total, params)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for one_pass, chunked in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6 * float(one_pass.abs().max()))
+    assert all(p.grad is None for p in teacher_head.parameters())  # the teacher's head is never trained
+    nothing = head_chunked_kl(hidden, head, teacher_hidden, teacher_head, mask=torch.zeros(2, 15, dtype=torch.bool))
+    assert float(nothing) == 0.0
+    with pytest.raises(ValueError, match="cover different positions"):
+        head_chunked_kl(hidden, head, teacher_hidden[:, :3], teacher_head)
 
 
 def test_the_chunked_kd_backward_hands_its_gradient_buffer_over() -> None:

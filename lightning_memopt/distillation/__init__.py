@@ -4,6 +4,7 @@ from lightning_memopt.distillation.callback import KnowledgeDistillation
 from lightning_memopt.distillation.losses import (
     attention_kl,
     distillation_loss,
+    head_chunked_kl,
     hidden_state_mse,
     soft_target_kl,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "KnowledgeDistillation",
     "attention_kl",
     "distillation_loss",
+    "head_chunked_kl",
     "hidden_state_mse",
     "load_teacher",
     "soft_target_kl",

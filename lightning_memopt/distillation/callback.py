@@ -51,7 +51,12 @@ from lightning_memopt.core.run_points import linear_ramp
 from lightning_memopt.core.strategies import refuse_strategies
 from lightning_memopt.distillation.checks import check_labels, check_tokenizers, check_vocabulary
 from lightning_memopt.distillation.intermediate import LayerTransfer
-from lightning_memopt.distillation.losses import check_alpha_temperature, position_mask, soft_target_kl
+from lightning_memopt.distillation.losses import (
+    check_alpha_temperature,
+    head_chunked_kl,
+    position_mask,
+    soft_target_kl,
+)
 from lightning_memopt.distillation.teacher import Teacher, check_teacher_source, freeze, load_teacher
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -102,6 +107,21 @@ def is_causal_lm(model: nn.Module) -> bool:
     return bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
         getattr(model, "config", None), "is_encoder_decoder", False
     )
+
+
+def lm_heads(student: nn.Module, teacher: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The student's and the teacher's linear LM heads (``get_output_embeddings()``), for ``fuse_head``."""
+    heads = []
+    for side, model in (("student", student), ("teacher", teacher)):
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+            raise ValueError(
+                f"fuse_head needs a language model with a linear LM head on both sides; the {side} "
+                f"({type(model).__name__}) has {type(head).__name__ if head is not None else 'none'} "
+                "(get_output_embeddings). Distil from its logits: fuse_head=False."
+            )
+        heads.append(head)
+    return heads[0], heads[1]
 
 
 def find_student_model(pl_module: LightningModule) -> tuple[str, nn.Module]:
@@ -173,6 +193,16 @@ class KnowledgeDistillation(Callback):
             ``None`` computes it in one pass.
         top_k: distil on the teacher's ``k`` most likely classes per position only (its distribution renormalised
             over them, against the student's log-probabilities of those classes); ``None`` uses all of them.
+        fuse_head: for LMs (student and teacher with a linear LM head, ``get_output_embeddings()``): compute the
+            training KD loss from the hidden states entering the two heads, ``chunk_rows`` positions at a time
+            (256 if unset), each chunk's logits made, scored and dropped with their gradients
+            (:func:`~lightning_memopt.distillation.losses.head_chunked_kl`). The teacher runs its body only
+            (``base_model``), so neither its logits nor the KD loss's full-sequence gradient of the student's
+            logits exist: what KD adds beyond the teacher's weights is the teacher's hidden states, one chunk of
+            logits and the hidden states' gradient (the head weight's gradient, which any loss makes, is handed
+            to autograd). Checked at the first step: the heads applied to those hidden states must give the
+            models' logits (not so for soft-capped logits), else an error says to turn it off. Validation's
+            ``val_kd`` still compares the models' logits.
     """
 
     def __init__(
@@ -194,13 +224,19 @@ class KnowledgeDistillation(Callback):
         outputs_to_logits: Callable[[Any], Tensor] | None = None,
         chunk_rows: int | None = None,
         top_k: int | None = None,
+        fuse_head: bool = False,
     ) -> None:
         check_alpha_temperature(alpha, temperature)
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive number of positions, or None, got {chunk_rows}.")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be a positive number of classes, or None (all of them), got {top_k}.")
-        self.chunk_rows, self.top_k = chunk_rows, top_k
+        self.chunk_rows, self.top_k, self.fuse_head = chunk_rows, top_k, fuse_head
+        self._heads: tuple[nn.Linear, nn.Linear] | None = None  # (student's, teacher's) LM head when fused
+        self._student_hidden: Tensor | None = None  # what entered the student's head in this training step
+        self._recording = False  # True from a training step's start until its KD loss takes the hidden states
+        self._head_hook: Any = None
+        self._fusion_checked = False
         check_alpha_temperature(alpha if alpha_end is None else alpha_end, temperature_end or temperature)
         check_teacher_source(teacher)
         if teacher_precision is not None and teacher_precision not in (*DTYPES, *FROZEN_BITS):
@@ -247,7 +283,8 @@ class KnowledgeDistillation(Callback):
             return {}
         tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
         held = sum(t.numel() * t.element_size() for t in tensors if device_type is None or t.device.type == device_type)
-        return {"teacher weights (frozen)": held, "teacher logits (KD)": self._teacher_logits_bytes}
+        output = "teacher hidden states (KD)" if self.fuse_head else "teacher logits (KD)"
+        return {"teacher weights (frozen)": held, output: self._teacher_logits_bytes}
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
@@ -295,6 +332,9 @@ class KnowledgeDistillation(Callback):
         if self.layers.active:
             self._return_intermediates(student)
         self._hook = student.register_forward_hook(self._keep_output)
+        if self.fuse_head:
+            self._heads = lm_heads(student, self.teacher)
+            self._head_hook = self._heads[0].register_forward_pre_hook(self._keep_head_input)
         if len(self.layers.projections):
             add_param_group(trainer, list(self.layers.parameters()))
         self._patches.wrap(pl_module, "training_step", lambda step: self._distilling(pl_module, step))
@@ -331,6 +371,9 @@ class KnowledgeDistillation(Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
         self._patches.restore()  # the module's own steps again
         if self._restore_config:
             _, student = self._student(pl_module)
@@ -372,6 +415,7 @@ class KnowledgeDistillation(Callback):
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
             self._student_output = None
+            self._student_hidden, self._recording = None, self._heads is not None
             return self._add_distillation(pl_module, batch, step(batch, *args, **kwargs))
 
         return training_step
@@ -403,7 +447,12 @@ class KnowledgeDistillation(Callback):
     def _keep_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self._student_output = output
 
-    def _teacher_output(self, batch: Any) -> tuple[Any, dict[str, Tensor]]:
+    def _keep_head_input(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if self._recording:  # the module's own forward, not the KD loss's calls of the head (or their recomputation)
+            self._student_hidden = inputs[0]
+
+    def _teacher_output(self, batch: Any, body_only: bool = False) -> tuple[Any, dict[str, Tensor]]:
+        """The teacher's output on ``batch`` (with ``body_only``, its base model's: hidden states, no logits)."""
         assert self.teacher is not None
         inputs = self.batch_to_teacher_inputs(batch)
         extra = {}
@@ -412,7 +461,8 @@ class KnowledgeDistillation(Callback):
         if self.layers.attention_layers:
             extra["output_attentions"] = True
         with torch.no_grad():
-            return self.teacher(**inputs, **extra), inputs
+            model = self.teacher.base_model if body_only else self.teacher
+            return model(**inputs, **extra), inputs
 
     def _label_mask(self, batch: Any, student_logits: Tensor) -> Tensor | None:
         """The positions the task loss counts (shifted by one for causal LMs, as their loss is)."""
@@ -448,11 +498,14 @@ class KnowledgeDistillation(Callback):
         alpha = linear_ramp(self.alpha, self.alpha_end, step, self._total_steps)
         temperature = linear_ramp(self.temperature, self.temperature_end, step, self._total_steps)
         student_logits = self.outputs_to_logits(self._student_output)
-        teacher_output, teacher_inputs = self._teacher_output(batch)
-        teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
-        self._teacher_logits_bytes = teacher_logits.numel() * teacher_logits.element_size()
         mask = self._label_mask(batch, student_logits)
-        kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows, self.top_k)
+        teacher_output, teacher_inputs = self._teacher_output(batch, body_only=self._heads is not None)
+        if self._heads is not None:
+            kd = self._fused_kd(batch, student_logits, teacher_output.last_hidden_state, temperature, mask)
+        else:
+            teacher_logits = self.outputs_to_logits(teacher_output).to(student_logits.dtype)
+            self._teacher_logits_bytes = teacher_logits.numel() * teacher_logits.element_size()
+            kd = soft_target_kl(student_logits, teacher_logits, temperature, mask, self.chunk_rows, self.top_k)
         total = (1 - alpha) * loss + alpha * kd
         batch_size = student_logits.shape[0]
         if self.layers.active:
@@ -471,6 +524,44 @@ class KnowledgeDistillation(Callback):
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
+
+    def _fused_kd(
+        self, batch: Any, student_logits: Tensor, teacher_hidden: Tensor, temperature: float, mask: Tensor | None
+    ) -> Tensor:
+        """The KD loss from the hidden states entering both LM heads (``fuse_head``)."""
+        assert self._heads is not None
+        hidden, self._student_hidden, self._recording = self._student_hidden, None, False
+        if hidden is None:
+            raise RuntimeError(
+                "fuse_head: the training step's forward never called the student's LM head "
+                f"({type(self._heads[0]).__name__}); distil from the logits instead: fuse_head=False."
+            )
+        student_head, teacher_head = self._heads
+        if not self._fusion_checked:
+            self._check_fusion(batch, student_logits, hidden, teacher_hidden)
+        self._teacher_logits_bytes = teacher_hidden.numel() * teacher_hidden.element_size()
+        chunk = self.chunk_rows or 256
+        return head_chunked_kl(hidden, student_head, teacher_hidden, teacher_head, temperature, mask, chunk, self.top_k)
+
+    def _check_fusion(self, batch: Any, student_logits: Tensor, hidden: Tensor, teacher_hidden: Tensor) -> None:
+        """Once: the heads applied to the hidden states give the models' own logits (a few positions each)."""
+        assert self._heads is not None and self.teacher is not None
+        student_head, teacher_head = self._heads
+        # a causal LM's first positions do not see the rest: a short prefix of one row is enough and cheap
+        length = 8 if self._causal else None
+        inputs = {key: value[:1, :length] for key, value in self.batch_to_teacher_inputs(batch).items()}
+        with torch.no_grad():
+            pairs = {
+                "student": (student_head(hidden[:1, :length]), student_logits[:1, :length]),
+                "teacher": (teacher_head(teacher_hidden[:1, :length]), self.outputs_to_logits(self.teacher(**inputs))),
+            }
+        for side, (from_head, logits) in pairs.items():
+            if not torch.allclose(from_head.float(), logits.float(), rtol=1e-3, atol=1e-3):
+                raise ValueError(
+                    f"fuse_head: the {side}'s LM head applied to the hidden states entering it does not give its "
+                    "logits (soft-capped or scaled logits?); distil from the logits instead: fuse_head=False."
+                )
+        self._fusion_checked = True
 
     # -- checks at setup ---------------------------------------------------------------------
     def _check_tokenizers(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
@@ -259,6 +259,109 @@ def soft_target_kl(
         student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), selections, temperature, top_k
     )
     return total / rows * temperature**2
+
+
+class HeadChunkedKL(torch.autograd.Function):
+    """``T²/N · Σ KL`` over the selected rows of the logits two linear heads make of hidden states, the logits
+    made a chunk of rows at a time and the gradients (hidden states, head weight and bias) computed with them.
+
+    The forward pass writes the student hidden states' gradient into one tensor shaped like them and adds each
+    chunk's share of the weight's (and bias's) gradient into one float32 tensor shaped like the weight, so no
+    full-sequence logits tensor, nor its gradient, ever exists. The backward pass scales them in place and hands
+    them over (one backward pass only, as :class:`ChunkedKL`). The teacher's side gets no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        temperature: float,
+        selections: list[slice | Tensor],
+        rows: int,
+        top_k: int | None,
+    ) -> Tensor:
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for selection in selections:
+            chunk = hidden[selection]
+            student = F.linear(chunk, weight, bias)
+            teacher = F.linear(teacher_hidden[selection], teacher_weight, teacher_bias)
+            kl, grad = _chunk_kl(student, teacher, temperature, top_k, temperature / rows)
+            del student, teacher
+            total += kl
+            grad_hidden[selection] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight.addmm_(grad.t(), chunk.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            del grad
+        ctx.gradients = (grad_hidden, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype))
+        return total / rows * temperature**2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:
+            raise RuntimeError(
+                "The chunked KD loss hands its gradients over at the first backward pass; it cannot be "
+                "backpropagated twice (retain_graph=True), compute the loss again instead."
+            )
+        hidden, weight, bias = (None if g is None else g.mul_(grad_output) for g in gradients)
+        return hidden, weight, bias, None, None, None, None, None, None, None
+
+
+def head_chunked_kl(
+    student_hidden: Tensor,
+    student_head: nn.Linear,
+    teacher_hidden: Tensor,
+    teacher_head: nn.Linear,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_rows: int = 256,
+    top_k: int | None = None,
+) -> Tensor:
+    """:func:`soft_target_kl` of the logits ``student_head(student_hidden)`` and ``teacher_head(teacher_hidden)``
+    (linear LM heads), without either full-sequence logits tensor or its gradient ever existing.
+
+    The kept positions are taken ``chunk_rows`` at a time (:class:`HeadChunkedKL`): each chunk's logits, student
+    and teacher, are made, scored and freed while the gradients of the student's hidden states and of its head's
+    weight and bias (a head tied to the input embeddings included) are computed. So the loss's extra memory is
+    one chunk of logits and its softmax temporaries, the hidden states' gradient and the head weight's gradient,
+    which autograd takes over as the weight's ``.grad`` (any loss on the logits makes one); the logits route holds
+    the logits' full gradient and the teacher's logits instead. Same value and gradients as the logits route.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive number of positions, got {chunk_rows}.")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"Student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} cover different positions."
+        )
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    keep = None if mask is None else mask.reshape(-1).bool()
+    if keep is not None and keep.numel() != student_rows.shape[0]:
+        raise ValueError(
+            f"The mask {tuple(mask.shape)} must have one entry per position of the hidden states "
+            f"{tuple(student_hidden.shape)}."
+        )
+    rows = student_rows.shape[0] if keep is None else int(keep.sum())
+    if rows == 0:
+        return student_rows.sum() * 0.0
+    selections = _chunk_selections(student_rows.shape[0], keep, chunk_rows)
+    teacher = (teacher_head.weight.detach(), None if teacher_head.bias is None else teacher_head.bias.detach())
+    loss = HeadChunkedKL.apply(
+        student_rows, student_head.weight, student_head.bias, teacher_rows, *teacher, temperature, selections, rows,
+        top_k,
+    )  # fmt: skip
+    return loss
 
 
 def distillation_loss(
