@@ -131,6 +131,10 @@ def test_the_readme_plan_parses() -> None:
         ),
         ({"stages": [{"name": "s"}], "final": {"embedding_bits": 2}}, "final: `embedding_bits` is 8 or 4, got 2"),
         (
+            {"stages": [{"name": "s"}], "final": {**OPENVINO_INT8, "sparse": True}},
+            "final: `sparse` packs pruned weights in a transformers",
+        ),
+        (
             {"stages": [{"name": "s"}], "final": {"format": "onnx", "int8": True, "embedding_bits": 4}},
             "final: `embedding_bits: 4` compresses the embeddings of an OpenVINO int8 artefact",
         ),

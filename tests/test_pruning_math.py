@@ -70,7 +70,7 @@ def test_ties_are_broken_deterministically() -> None:
 
 
 def test_sparse_format_round_trip_and_size(tmp_path) -> None:
-    from lightning_memopt.pruning.sparse_format import load_sparse, pack_bits, save_sparse, unpack_bits
+    from lightning_memopt.core.sparse_format import load_sparse, pack_bits, save_sparse, unpack_bits
 
     mask = torch.rand(13) > 0.5
     assert torch.equal(unpack_bits(pack_bits(mask), 13), mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from lightning_memopt import (
 )
 from lightning_memopt.cli import main as memopt_main
 from lightning_memopt.quantization import FakeQuantLinear, Int8DynamicLinear, load_int8
-from lightning_memopt.quantization.export import checkpoint_qat_state
+from lightning_memopt.quantization.export import WEIGHTS_FILE, checkpoint_qat_state
 
 
 class Probe(Callback):
@@ -134,6 +135,17 @@ def test_pruned_weights_stay_zero_through_fake_quant_and_int8_export(
         layer = int8[name.removeprefix("model.").removesuffix(".weight")]
         assert (layer.weight[~mask] == 0).all(), name
         assert float((layer.weight == 0).float().mean()) >= 0.7, name
+
+    # --sparse packs the pruned int8 weights (non-zero values and a 1-bit mask): the same model from fewer bytes
+    memopt_main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / 'sparse'}", "--int8=true",
+                 "--sparse=true"])  # fmt: skip
+    sparse = load_int8(tmp_path / "sparse")
+    dense_state, sparse_state = load_int8(tmp_path / "int8").state_dict(), sparse.state_dict()
+    assert all(torch.equal(sparse_state[key], value) for key, value in dense_state.items())
+    pruned = sum(int8[n.removeprefix("model.").removesuffix(".weight")].weight.numel() for n in pruning.masks)
+    saved = (tmp_path / "int8" / WEIGHTS_FILE).stat().st_size - (tmp_path / "sparse" / WEIGHTS_FILE).stat().st_size
+    assert saved >= pruned * (0.7 - 1 / 8) - 4096  # an int8 value a weight, against 30 % of them and a bit each
+    assert json.loads((tmp_path / "sparse" / "quantization.json").read_text())["sparse"] is True
 
 
 def test_post_training_quantization_without_qat_and_the_plain_example(shared_data: Path, tmp_path: Path) -> None:

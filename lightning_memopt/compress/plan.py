@@ -245,8 +245,11 @@ def _check_order(plan: Plan) -> None:
             pruned_by = stage
         if stage.qat is not None:
             quantized_by = stage
-    if plan.final.int8 and plan.final.sparse:
-        raise PlanError(f"plan {plan.name}, final: `int8` and `sparse` cannot be combined yet; choose one")
+    if plan.final.sparse and plan.final.format != "transformers":
+        raise PlanError(
+            f"plan {plan.name}, final: `sparse` packs pruned weights in a transformers (or its int8) folder; an "
+            f"{plan.final.format} graph holds dense weights. Set `format: transformers` or remove `sparse`"
+        )
 
 
 def _check_openvino_qat(plan: Plan, index: int, quantized_by: Stage | None) -> None:

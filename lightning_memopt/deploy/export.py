@@ -24,8 +24,8 @@ from lightning_memopt.core.atomic_io import atomic_folder
 from lightning_memopt.core.checkpoints import read_checkpoint
 from lightning_memopt.core.models import model_from_checkpoint
 from lightning_memopt.core.sources import resolve_pretrained
+from lightning_memopt.core.sparse_format import save_sparse
 from lightning_memopt.deploy.onnx import CALIBRATION_SIZE, Parity
-from lightning_memopt.pruning.sparse_format import save_sparse
 from lightning_memopt.pruning.structured import shrink_pruned
 from lightning_memopt.quantization.export import checkpoint_qat_state, convert_with_qat_state, save_int8
 from lightning_memopt.quantization.openvino_qat import checkpoint_openvino_qat_state, quantizer_count
@@ -89,11 +89,10 @@ def check_flags(int8: bool, sparse: bool, shrink: bool, format: str = "transform
                 "dense weights. Drop --sparse, or export with --format transformers."
             )
         return
-    if int8 and (sparse or shrink):
-        given = " and ".join(flag for flag, on in (("--sparse", sparse), ("--shrink", shrink)) if on)
+    if int8 and shrink:
         raise ValueError(
-            f"--int8 cannot be combined with {given}: the int8 export writes its own weight file and keeps the "
-            "model's shape. Export twice, once with --int8 and once with the float options."
+            "--int8 cannot be combined with --shrink: the int8 export keeps the model's shape. Export the shrunk "
+            "folder first (--shrink true), then its int8 form with --format openvino or onnx (memopt compress does)."
         )
 
 
@@ -226,12 +225,17 @@ def write_export(
                 how = "post-training dynamic quantization (no QAT state in the checkpoint)"
             else:
                 how = f"QAT layers{' with frozen weight scales' if qat_state['frozen_scales'] else ''}"
-            report = save_int8(model, folder, tokenizer_source)
+            report = save_int8(model, folder, tokenizer_source, sparse=sparse)
             lines.append(
                 f"int8 {type(model).__name__}: {len(names)} Linear layers from {how}; their weights take "
                 f"{report.int8_weight_bytes / 2**20:.1f} MiB for {report.fp32_weight_bytes / 2**20:.1f} MiB in float32 "
                 f"({report.ratio:.1%}). Load with lightning_memopt.quantization.load_int8."
             )
+            if sparse:
+                lines.append(
+                    f"Sparse: pruned int8 weights packed as non-zero values and a 1-bit mask; the weight file is "
+                    f"{report.file_bytes / 2**20:.1f} MiB."
+                )
         else:
             if shrink:
                 shrunk = shrink_pruned(model, heads=True)
@@ -243,7 +247,7 @@ def write_export(
             _save_tokenizer(tokenizer_source, folder, lines)
             labels = list(getattr(model.config, "id2label", {}).values())
             lines.append(f"{type(model).__name__} with labels {labels}")
-            if sparse:
+            if sparse:  # float: a packed copy beside the folder plain transformers loads
                 packed = save_sparse(model.state_dict(), folder / "model.sparse.safetensors")
                 lines.append(
                     f"Sparse copy: {packed.file_bytes / 2**20:.1f} MiB for {packed.dense_bytes / 2**20:.1f} MiB of dense "

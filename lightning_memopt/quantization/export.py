@@ -2,8 +2,9 @@
 :class:`Int8Embedding`), save and load without pickles.
 
 The folder holds ``config.json`` (the Hugging Face config), ``model.int8.safetensors`` (int8 weights,
-their scales and everything else in float), ``quantization.json`` (format, model class, converted
-layers) and, when known, the tokenizer. :func:`load_int8` rebuilds the model from the config, puts
+their scales and everything else in float; with ``sparse``, pruned weights packed as their non-zero int8 values
+and a 1-bit mask, :mod:`lightning_memopt.core.sparse_format`), ``quantization.json`` (format, model class,
+converted layers) and, when known, the tokenizer. :func:`load_int8` rebuilds the model from the config, puts
 int8 shells where the file says and loads the tensors: nothing is unpickled or imported from a name
 other than a ``transformers`` model class.
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_memopt.core.filters import ModuleFilter, default_filter, is_linear, linear_shape
 from lightning_memopt.core.sources import transformers_model_class
+from lightning_memopt.core.sparse_format import is_sparse_file, load_sparse, save_sparse
 from lightning_memopt.quantization.modules import (
     FakeQuantConv1D,
     FakeQuantEmbedding,
@@ -87,8 +89,11 @@ def convert_to_int8(
     return chosen
 
 
-def save_int8(model: nn.Module, folder: str | Path, tokenizer_source: str | None = None) -> Int8Report:
-    """Write a converted model (see the module docstring) and report the sizes."""
+def save_int8(
+    model: nn.Module, folder: str | Path, tokenizer_source: str | None = None, sparse: bool = False
+) -> Int8Report:
+    """Write a converted model (see the module docstring) and report the sizes; with ``sparse``, weights with at
+    least 30 % zeros (unstructured pruning) are stored as their non-zero int8 values and a 1-bit mask."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -98,8 +103,11 @@ def save_int8(model: nn.Module, folder: str | Path, tokenizer_source: str | None
         raise ValueError("The model has no int8 layers; call convert_to_int8(model) first.")
     model.config.save_pretrained(folder)
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
-    save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "architecture": type(model).__name__, "int8_layers": sorted(layers)}
+    if sparse:
+        save_sparse(state, folder / WEIGHTS_FILE)
+    else:
+        save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "architecture": type(model).__name__, "int8_layers": sorted(layers), "sparse": sparse}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     if tokenizer_source is not None:
         from transformers import AutoTokenizer
@@ -134,7 +142,8 @@ def load_int8(folder: str | Path) -> nn.Module:
             model.set_submodule(name, Int8Embedding(layer.num_embeddings, layer.embedding_dim))
         else:
             model.set_submodule(name, Int8DynamicLinear(*linear_shape(layer), layer.bias is not None))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    weights = folder / WEIGHTS_FILE
+    model.load_state_dict(load_sparse(weights) if is_sparse_file(weights) else load_file(weights), strict=True)
     return model.eval()
 
 
