@@ -15,7 +15,8 @@ task's offline recipe and a step budget (a rerun skips finished stages), then me
     python benchmarks/compress.py --teacher runs/ner-conll2003/checkpoints/last.ckpt --plans ner-small ner-sparse \
         --budget 600
 
-Results: benchmarks/results/compress-<budget>.json and docs/results/compress-<budget>.md (``full`` for --budget 0).
+Results: benchmarks/results/compress-<task>-<budget>.json and docs/results/compress-<task>-<budget>.md (``full`` for
+--budget 0).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def training_texts(task: str) -> list[str]:
 
 def render(payload: dict[str, Any]) -> list[str]:
     lines = [
-        f"# memopt compress: {budget_words(payload['budget'])}",
+        f"# memopt compress, {TASKS[payload['task']]['title'].split(' (')[0]}: {budget_words(payload['budget'])}",
         "",
         f"- Command: `{payload['command']}`",
         f"- Machine: {payload['machine']}",
@@ -187,12 +188,17 @@ def render(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def result_name(task: str, budget: int) -> str:
+    """``compress-ner-1200``: the page and JSON of one task's plans at one budget."""
+    return f"compress-{task}-{budget_name(budget)}"
+
+
 def budget_words(budget: int) -> str:
     return f"{budget} steps per stage" if budget else "each plan's own stage lengths"
 
 
 def write_page(payload: dict[str, Any]) -> Path:
-    name = f"compress-{budget_name(payload['budget'])}"
+    name = result_name(payload["task"], payload["budget"])
     page, notes = PAGES / f"{name}.md", PAGES / "notes" / f"{name}.md"
     extra = ["", notes.read_text().rstrip("\n")] if notes.exists() else []
     page.write_text("\n".join([*render(payload), *extra]) + "\n")
@@ -211,7 +217,8 @@ def main() -> None:
     )
     parser.add_argument("--render", action="store_true", help="rewrite the page from the saved JSON; run nothing")
     args = parser.parse_args()
-    saved = RESULTS / f"compress-{budget_name(args.budget)}.json"
+    task = task_of_plan(args.plans[0])
+    saved = RESULTS / f"{result_name(task, args.budget)}.json"
     if args.render:
         print(f"Report: {write_page(json.loads(saved.read_text()))}")
         return
@@ -228,6 +235,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "date": today(),
         "teacher": args.teacher,
+        "task": task,
         "budget": args.budget,
         "results": measure(args.plans, args.teacher, outs, args.rounds),
     }

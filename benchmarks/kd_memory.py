@@ -163,8 +163,8 @@ def main() -> None:
         "included (each variant in its own process). Student logits are either a leaf tensor or the output of an "
         f"LM head (hidden states [1, {args.sequence}, {args.hidden}] times a weight [{args.hidden}, {args.vocab}], "
         "both requiring grad), whose backward pass also makes the weight's gradient "
-        f"({args.hidden * args.vocab * 4 / MIB:.0f} MiB, which a training step makes with any loss): the last two "
-        "columns before the last leave it out. The fused loss never makes logits: it takes the hidden states and "
+        f"({args.hidden * args.vocab * 4 / MIB:.0f} MiB, which a training step makes with any loss): the "
+        "columns 'beyond the head weight's gradient' leave it out. The fused loss never makes logits: it takes the hidden states and "
         "both heads (the teacher's output it holds is its hidden states, not its logits). The last column adds "
         "what the KD step holds of the teacher's output (its logits, or its hidden states when fused) to the extra "
         "beyond the weight's gradient: what distillation costs beyond the teacher's weights.",

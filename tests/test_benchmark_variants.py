@@ -106,6 +106,7 @@ def test_the_compress_page_checks_each_plan_against_its_aims() -> None:
         "cpu_flags": ["avx512_vnni"],
         "date": "d",
         "teacher": "t",
+        "task": "ner",
         "budget": 600,
         "results": {
             "dense": result(0.9, 1.0, 1.0, 0.3),
@@ -118,4 +119,4 @@ def test_the_compress_page_checks_each_plan_against_its_aims() -> None:
     assert "| ner-sparse | oBERT-class, any NER plan: size_ratio <= 0.1 | 0.2 | no |" in page
     assert "| ner-sparse | oBERT-class, any NER plan: cost <= 4.0 | 3.0 | yes |" in page
     assert "| dense |" in page and "| dense | oBERT" not in page  # baselines are not held to the aims
-    assert "CPU flags: avx512_vnni" in page
+    assert "CPU flags: avx512_vnni" in page and page.startswith("# memopt compress, CoNLL-2003 NER: 600 steps")
