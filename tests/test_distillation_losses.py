@@ -159,13 +159,13 @@ def test_the_chunked_kd_backward_hands_its_gradient_buffer_over() -> None:
     torch.manual_seed(0)
     student, teacher = torch.randn(3, 11, 40, requires_grad=True), torch.randn(3, 11, 40)
     kd = soft_target_kl(student, teacher, 2.0, torch.rand(3, 11) > 0.3, chunk_rows=4)
-    buffer = kd.grad_fn.gradient
+    (buffer,) = kd.grad_fn.gradients
     expected = 0.5 * buffer.clone()
     address = buffer.data_ptr()
     del buffer
     (0.5 * kd).backward()
     assert student.grad.data_ptr() == address and torch.equal(student.grad, expected)
-    assert kd.grad_fn.gradient is None
+    assert kd.grad_fn.gradients is None
     again = soft_target_kl(student, teacher, 2.0, chunk_rows=4)
     again.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="hands its gradient over"):

@@ -154,6 +154,18 @@ def _chunked_kl_sum(
     return total
 
 
+def handed_over(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients a chunked loss's forward pass computed (``ctx.gradients``), scaled by ``grad_output`` in place and
+    handed over: ``ctx`` drops them, so autograd takes them without a copy, and a second backward pass is refused."""
+    gradients, ctx.gradients = ctx.gradients, None
+    if gradients is None:
+        raise RuntimeError(
+            "The chunked KD loss hands its gradient over at the first backward pass; it cannot be backpropagated "
+            "twice (retain_graph=True), compute the loss again instead."
+        )
+    return tuple(None if grad is None else grad.mul_(grad_output) for grad in gradients)
+
+
 class ChunkedKL(torch.autograd.Function):
     """``T²/N · Σ KL`` over the selected rows, its gradient computed chunk by chunk in the forward pass.
 
@@ -188,19 +200,14 @@ class ChunkedKL(torch.autograd.Function):
             grad.view(-1, classes),
             temperature / rows,  # d(T²/N · KL)/d s = T²/N · (q·Σp - p)/T
         )
-        ctx.gradient = grad
+        ctx.gradients = (grad,)
         return total / rows * temperature**2
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grad, ctx.gradient = ctx.gradient, None
-        if grad is None:
-            raise RuntimeError(
-                "The chunked KD loss hands its gradient over at the first backward pass; it cannot be backpropagated "
-                "twice (retain_graph=True), compute the loss again instead."
-            )
-        return grad.mul_(grad_output), None, None, None, None, None
+        (grad,) = handed_over(ctx, grad_output)
+        return grad, None, None, None, None, None
 
 
 def soft_target_kl(
@@ -307,13 +314,7 @@ class HeadChunkedKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        gradients, ctx.gradients = ctx.gradients, None
-        if gradients is None:
-            raise RuntimeError(
-                "The chunked KD loss hands its gradients over at the first backward pass; it cannot be "
-                "backpropagated twice (retain_graph=True), compute the loss again instead."
-            )
-        hidden, weight, bias = (None if g is None else g.mul_(grad_output) for g in gradients)
+        hidden, weight, bias = handed_over(ctx, grad_output)
         return hidden, weight, bias, None, None, None, None, None, None, None
 
 
