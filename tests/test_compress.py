@@ -396,6 +396,7 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
         "format": "openvino",
         "int8": True,
         "trim_vocabulary": True,
+        "embedding_bits": 4,
         "calibration_sentences": 20,
         "min_agreement": 0.9,
     }  # a random tiny model has near-ties
@@ -411,7 +412,8 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
     assert str(stage_config["trainer"]["devices"]) == "2" and "DDPStrategy" in str(stage_config["trainer"]["strategy"])
     shipped = json.loads((tmp_path / "out" / "final" / "compression.json").read_text())
     assert shipped["format"] == "openvino-int8" and (tmp_path / "out" / "final" / "openvino_model.xml").exists()
-    assert any("NNCF post-training quantization on 20 calibration sentences" in line for line in shipped["lines"])
+    assert any("NNCF post-training quantization on 20 calibration sentences, int4 embeddings" in line
+               for line in shipped["lines"])  # fmt: skip
     import openvino as ov
 
     vocab = json.loads((tmp_path / "out" / "final" / "config.json").read_text())["vocab_size"]
@@ -423,7 +425,12 @@ def test_a_plan_runs_under_two_ddp_processes_as_memopt_fit_does(
         for op in constants
         if list(op.get_output_partial_shape(0).to_shape())[:1] == [vocab]
     }
-    assert by_vocab == {((vocab, 32), "<Type: 'int8_t'>"), ((vocab, 1), "<Type: 'float32'>")}  # int8, a scale per row
+    # the trimmed table in int4 (32 wide: one group a row) with an fp16 scale and a 4-bit zero point per row
+    assert by_vocab == {
+        ((vocab, 32), "<Type: 'uint4_t'>"),
+        ((vocab, 1), "<Type: 'float16'>"),
+        ((vocab, 1), "<Type: 'uint4_t'>"),
+    }
 
 
 def test_the_report_renders_from_compress_json_and_the_logs_alone(tmp_path: Path) -> None:
