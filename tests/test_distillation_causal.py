@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import fake_trainer, quiet_trainer
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -130,3 +130,9 @@ def test_fused_head_kd_needs_lm_heads_whose_logits_the_model_returns() -> None:
     student = Scaled(LlamaConfig(**LLAMA))
     with pytest.raises(ValueError, match="the student's LM head applied to the hidden states"):
         fit_with_kd(student, LlamaForCausalLM(LlamaConfig(**LLAMA)), fuse_head=True)
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    kd = KnowledgeDistillation(teacher=LlamaForCausalLM(LlamaConfig(**LLAMA)), fuse_head=True)
+    with pytest.raises(ValueError, match=r"fuse_head=True\) does not support ModelParallelStrategy: .* or DDP"):
+        kd.setup(fake_trainer(ModelParallelStrategy()), CausalLM(student), "fit")

@@ -300,6 +300,14 @@ class KnowledgeDistillation(Callback):
             "its sharding would have to leave the teacher out of the student's wrapping",
             "--trainer.strategy ddp, or ModelParallelStrategy (FSDP2)",
         )
+        if self.fuse_head:
+            refuse_strategies(
+                trainer,
+                "KnowledgeDistillation(fuse_head=True)",
+                ("ModelParallelStrategy",),
+                "the loss reads the LM head's weight after its forward, when FSDP2 has sharded it again",
+                "fuse_head=False (chunk_rows keeps the logits route's memory down), or DDP",
+            )
         if self._teacher_info is None:
             self._teacher_info = load_teacher(self.source)
         dtype = DTYPES.get(self.teacher_precision or "")
